@@ -1,0 +1,334 @@
+"""Triton kernels of the fused coordinate MLP (SIREN, modulated SIREN, ReLU/GELU/... MLPs).
+
+Math (layer l = 0 .. L-1, hidden layers l < L-1, h_{-1} = x):
+    z_l = W_l h_{l-1} + b_l
+    u_l = scale_l * z_l + shift_l                       (FiLM, functa / COIN++)
+    h_l = act_l(u_l) * mult_l                           (multiplicative, siren-pytorch)
+    y   = final_act(z_{L-1})
+with act = sin(w0 u) | relu | gain * leaky_relu(u, slope) | gelu | silu | identity.
+
+Memory layout (prepared by nfd_fast.ops.fused_mlp):
+    x      [M, IN]  rows of all samples, sample b owns rows b*N .. b*N+N-1
+    w      [Bw, L, D, D]  W_l zero-padded to D x D, nn.Linear layout (row = output unit)
+    b      [Bb, L, D]     biases zero-padded
+    scale / shift / mult  [Bs, L-1, HID_PAD]  per-sample (Bs = B) or shared (stride 0)
+    act    [L, 3] float32: (w0, slope, gain) per layer
+Zero padding makes the weight loads mask-free: padded hidden units see zero weights and
+zero bias, and whatever they hold is multiplied by zero weight columns downstream.
+
+The forward keeps the hidden state of BLOCK_M rows on chip. A D x D weight tile does not
+fit in shared memory for D = 512 (or D = 256 in float32), and Triton cannot slice a
+register tensor, so layers are processed in pairs (a, b): the output units of layer a are
+produced BLOCK_N at a time from the full h_{a-1}, activated, and immediately multiplied
+into the full-width accumulator of layer b. Every weight tile is then [K, BLOCK_N] or
+[BLOCK_N, K] and nothing but x and y touches device memory (plus the pre-activations when
+they are saved for backward).
+"""
+import triton
+import triton.language as tl
+
+# Activation codes; a layer's code sits in 4 bits of the constexpr ACTS bit-field.
+IDENTITY, SINE, RELU, LEAKY_RELU, GELU, SILU = 0, 1, 2, 3, 4, 5
+ACT_BITS = 4
+
+# Dot operand kinds.
+DOT_FP32, DOT_FP16, DOT_BF16 = 0, 1, 2
+
+_INV_2PI = 0.15915494309189535
+_TWO_PI_HI = 6.28125  # 2*pi split in two (Cody-Waite) so k * _TWO_PI_HI is exact
+_TWO_PI_LO = 0.0019353071795864769
+_PI = 3.141592653589793
+_HALF_PI = 1.5707963267948966
+
+
+@triton.jit
+def _fast_sin(x):
+    """sin(x) by Cody-Waite reduction to [-pi, pi], a fold to [-pi/2, pi/2] and the
+    degree-11 Taylor polynomial (truncation error < 6e-8 there). Cheaper than libdevice's
+    sinf, which also carries a Payne-Hanek path for huge arguments."""
+    k = tl.floor(x * _INV_2PI + 0.5)
+    r = (x - k * _TWO_PI_HI) - k * _TWO_PI_LO
+    r = tl.where(r > _HALF_PI, _PI - r, r)
+    r = tl.where(r < -_HALF_PI, -_PI - r, r)
+    r2 = r * r
+    p = -2.5052108385441718e-08
+    p = p * r2 + 2.7557319223985893e-06
+    p = p * r2 - 1.984126984126984e-04
+    p = p * r2 + 8.333333333333333e-03
+    p = p * r2 - 1.6666666666666666e-01
+    return r + r * r2 * p
+
+
+@triton.jit
+def _sin(x, FAST_SINE: tl.constexpr):
+    if FAST_SINE:
+        s = _fast_sin(x)
+    else:
+        s = tl.sin(x)
+    return s
+
+
+@triton.jit
+def _act_params(act_ptr, layer):
+    w0 = tl.load(act_ptr + layer * 3)
+    slope = tl.load(act_ptr + layer * 3 + 1)
+    gain = tl.load(act_ptr + layer * 3 + 2)
+    return w0, slope, gain
+
+
+@triton.jit
+def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
+    w0, slope, gain = _act_params(act_ptr, layer)
+    if ACT == 1:  # SINE
+        a = _sin(w0 * u, FAST_SINE)
+    elif ACT == 2:  # RELU
+        a = tl.maximum(u, 0.0)
+    elif ACT == 3:  # LEAKY_RELU
+        a = gain * tl.where(u >= 0.0, u, slope * u)
+    elif ACT == 4:  # GELU (exact, erf form, as torch's default)
+        a = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    elif ACT == 5:  # SILU
+        a = u * tl.sigmoid(u)
+    else:
+        a = u
+    return a
+
+
+@triton.jit
+def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
+    """(act(u), d act / d u). Recomputing act here saves storing it in the forward."""
+    w0, slope, gain = _act_params(act_ptr, layer)
+    if ACT == 1:
+        a = _sin(w0 * u, FAST_SINE)
+        # cos(t) = sin(t + pi/2): the same (fast) sine keeps forward and backward consistent
+        da = w0 * _sin(w0 * u + 1.5707963267948966, FAST_SINE)
+    elif ACT == 2:
+        a = tl.maximum(u, 0.0)
+        da = tl.where(u > 0.0, 1.0, 0.0)
+    elif ACT == 3:
+        a = gain * tl.where(u >= 0.0, u, slope * u)
+        da = gain * tl.where(u >= 0.0, 1.0, slope)
+    elif ACT == 4:
+        cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+        a = u * cdf
+        da = cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+    elif ACT == 5:
+        sig = tl.sigmoid(u)
+        a = u * sig
+        da = sig * (1.0 + u * (1.0 - sig))
+    else:
+        a = u
+        da = u * 0.0 + 1.0
+    return a, da
+
+
+@triton.jit
+def _matmul(a, b, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation; a arrives in float32 and is cast to b's kind."""
+    if DOT_KIND == 1:
+        c = tl.dot(a.to(tl.float16), b)
+    elif DOT_KIND == 2:
+        c = tl.dot(a.to(tl.bfloat16), b)
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _load_weight_t(w_layer_ptr, k, n, D: tl.constexpr):
+    """The tile W^T[k, n] = W[n, k] of one padded D x D layer."""
+    return tl.load(w_layer_ptr + n[None, :] * D + k[:, None])
+
+
+@triton.jit
+def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+              stride_sb, stride_tb, stride_mb, HID_PAD: tl.constexpr, ACT: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_MULT: tl.constexpr,
+              FAST_SINE: tl.constexpr):
+    """h = act(scale * z + shift) * mult for the columns `cols` of hidden layer `layer`."""
+    mod = layer * HID_PAD + cols
+    u = z
+    if HAS_SCALE:
+        u = u * tl.load(scale_ptr + b * stride_sb + mod)[None, :]
+    if HAS_SHIFT:
+        u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
+    h = _activation(u, act_ptr, layer, ACT, FAST_SINE)
+    if HAS_MULT:
+        h = h * tl.load(mult_ptr + b * stride_mb + mod)[None, :]
+    return h
+
+
+@triton.jit
+def fused_mlp_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr, y_ptr, z_ptr, zf_ptr,
+    N, IN, OUT, M,
+    stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
+    NUM_LAYERS: tl.constexpr, D: tl.constexpr,
+    IN_PAD: tl.constexpr, HID_PAD: tl.constexpr, OUT_PAD: tl.constexpr,
+    ACTS: tl.constexpr, FINAL_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_MULT: tl.constexpr, SAVE_Z: tl.constexpr, FAST_SINE: tl.constexpr,
+    DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
+):
+    """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows of sample b = program_id(1).
+
+    With SAVE_Z the pre-activations z_l of the hidden layers go to z_ptr
+    ([L-1, M, HID_PAD] float32) and, when FINAL_ACT is not identity, z_{L-1} to zf_ptr
+    ([M, OUT]); backward recomputes everything else from them.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    # int64: M * width passes 2^31 for a gigapixel image
+    grow = b * N + rows.to(tl.int64)
+    w_base = w_ptr + b * stride_wb
+    b_base = b_ptr + b * stride_bb
+
+    cin = tl.arange(0, IN_PAD)
+    h = tl.load(x_ptr + grow[:, None] * IN + cin[None, :],
+                mask=row_ok[:, None] & (cin < IN)[None, :], other=0.0).to(tl.float32)
+    cfull = tl.arange(0, HID_PAD)
+
+    for p in tl.static_range(NUM_LAYERS // 2):
+        la: tl.constexpr = 2 * p
+        lb: tl.constexpr = 2 * p + 1
+        LB_LAST: tl.constexpr = lb == NUM_LAYERS - 1
+        if la == 0:
+            K_PAD: tl.constexpr = IN_PAD
+        else:
+            K_PAD: tl.constexpr = HID_PAD
+        if LB_LAST:
+            NB_PAD: tl.constexpr = OUT_PAD
+        else:
+            NB_PAD: tl.constexpr = HID_PAD
+        ACT_A: tl.constexpr = (ACTS >> (ACT_BITS * la)) & 15
+        kk = tl.arange(0, K_PAD)
+        nb = tl.arange(0, NB_PAD)
+        acc = tl.zeros((BLOCK_M, NB_PAD), dtype=tl.float32)
+        for j in range(0, HID_PAD, BLOCK_N):
+            cj = j + tl.arange(0, BLOCK_N)
+            zc = _matmul(h, _load_weight_t(w_base + la * D * D, kk, cj, D), DOT_KIND, PRECISION)
+            if HAS_BIAS:
+                zc += tl.load(b_base + la * D + cj)[None, :]
+            if SAVE_Z:
+                tl.store(z_ptr + (la * M + grow[:, None]) * HID_PAD + cj[None, :], zc,
+                         mask=row_ok[:, None])
+            hc = _modulate(zc, cj, b, la, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                           stride_sb, stride_tb, stride_mb, HID_PAD, ACT_A,
+                           HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
+            acc += _matmul(hc, _load_weight_t(w_base + lb * D * D, cj, nb, D), DOT_KIND, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_base + lb * D + nb)[None, :]
+        if LB_LAST:
+            _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, lb,
+                          FINAL_ACT, SAVE_Z, FAST_SINE)
+        else:
+            if SAVE_Z:
+                tl.store(z_ptr + (lb * M + grow[:, None]) * HID_PAD + cfull[None, :], acc,
+                         mask=row_ok[:, None])
+            ACT_B: tl.constexpr = (ACTS >> (ACT_BITS * lb)) & 15
+            h = _modulate(acc, cfull, b, lb, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                          stride_sb, stride_tb, stride_mb, HID_PAD, ACT_B,
+                          HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
+
+    if NUM_LAYERS % 2 == 1:
+        # An odd layer count leaves the output layer alone; its BLOCK_OUT-wide column
+        # chunks go straight to memory, so no concatenation is needed.
+        LAST: tl.constexpr = NUM_LAYERS - 1
+        for j in range(0, OUT_PAD, BLOCK_OUT):
+            cj = j + tl.arange(0, BLOCK_OUT)
+            yc = _matmul(h, _load_weight_t(w_base + LAST * D * D, cfull, cj, D), DOT_KIND, PRECISION)
+            if HAS_BIAS:
+                yc += tl.load(b_base + LAST * D + cj)[None, :]
+            _store_output(yc, cj, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, LAST,
+                          FINAL_ACT, SAVE_Z, FAST_SINE)
+
+
+@triton.jit
+def _store_output(z, cols, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, layer,
+                  FINAL_ACT: tl.constexpr, SAVE_Z: tl.constexpr, FAST_SINE: tl.constexpr):
+    offs = grow[:, None] * OUT + cols[None, :]
+    mask = row_ok[:, None] & (cols < OUT)[None, :]
+    if FINAL_ACT != 0:
+        if SAVE_Z:
+            tl.store(zf_ptr + offs, z, mask=mask)
+        z = _activation(z, act_ptr, layer, FINAL_ACT, FAST_SINE)
+    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fused_mlp_bwd_layer_kernel(
+    dz_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+    dst_ptr, h_ptr, part_ptr,
+    N, M, K, C, layer, stride_wb, stride_sb, stride_tb, stride_mb,
+    D: tl.constexpr, HID_PAD: tl.constexpr, ACT: tl.constexpr,
+    HIDDEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_MULT: tl.constexpr, FAST_SINE: tl.constexpr,
+    DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Back through one linear layer l = `layer` + 1: g = dz_l @ W_l  ([M, K] @ [K, C]).
+
+    HIDDEN=False: g is dx, stored to dst_ptr [M, C].
+    HIDDEN=True: g = dL/dh_{layer}; the epilogue recomputes u, act(u) from the saved z
+    and writes dz_{layer} (to dst_ptr, [M, HID_PAD]) and h_{layer} (to h_ptr, for dW);
+    column sums per (sample, row tile) of dz, du, du*z and g*act(u) (the gradients of
+    bias, shift, scale and mult) go to part_ptr [4, B, T, HID_PAD] without atomics, so the
+    result is deterministic and shared parameters cause no atomic contention.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    grow = b * N + rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_layer = w_ptr + b * stride_wb + (layer + 1) * D * D
+
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        dz = tl.load(dz_ptr + grow[:, None] * K + kk[None, :],
+                     mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+        # W[k, c]; rows past K are zero padding (or the next block, masked by dz = 0)
+        w = tl.load(w_layer + kk[:, None] * D + cols[None, :], mask=(kk < D)[:, None], other=0.0)
+        g += _matmul(dz, w, DOT_KIND, PRECISION)
+
+    if HIDDEN:
+        offs = grow[:, None] * HID_PAD + cols[None, :]
+        z = tl.load(z_ptr + layer * M * HID_PAD + offs, mask=row_ok[:, None], other=0.0)
+        mod = layer * HID_PAD + cols
+        u = z
+        s = tl.full((BLOCK_N,), 1.0, tl.float32)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + b * stride_sb + mod)
+            u = u * s[None, :]
+        if HAS_SHIFT:
+            u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
+        a, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE)
+        h = a
+        dmult = g * a
+        if HAS_MULT:
+            m = tl.load(mult_ptr + b * stride_mb + mod)[None, :]
+            h = a * m
+            g = g * m
+        du = g * da
+        dz_out = du * s[None, :]
+        # padded rows carry z = 0 but a nonzero gradient of act(0); zero them out
+        du = tl.where(row_ok[:, None], du, 0.0)
+        dz_out = tl.where(row_ok[:, None], dz_out, 0.0)
+        dmult = tl.where(row_ok[:, None], dmult, 0.0)
+        tl.store(dst_ptr + offs, dz_out, mask=row_ok[:, None])
+        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+        T = tl.num_programs(0)
+        plane = tl.num_programs(2) * T * HID_PAD
+        part = part_ptr + (b * T + pid_m) * HID_PAD + cols
+        tl.store(part, tl.sum(dz_out, 0))
+        tl.store(part + plane, tl.sum(du, 0))
+        tl.store(part + 2 * plane, tl.sum(du * z, 0))
+        tl.store(part + 3 * plane, tl.sum(dmult, 0))
+    else:
+        tl.store(dst_ptr + grow[:, None] * C + cols[None, :], g,
+                 mask=row_ok[:, None] & (cols < C)[None, :])

@@ -1,0 +1,120 @@
+"""Which implementation of an op runs: the fused Triton kernels or the PyTorch reference.
+
+Backends
+--------
+- ``"triton"``: the fused kernels. Needs Triton and CUDA tensors, or CPU tensors when the
+  Triton interpreter is on (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+- ``"torch"``: the reference implementation in plain PyTorch (the specification).
+- ``"auto"`` (default): per call, ``"triton"`` for CUDA tensors when Triton imports,
+  ``"torch"`` otherwise.
+
+Select with :func:`set_backend`, the context manager :func:`use_backend`, or the
+environment variable ``NFD_FAST_BACKEND`` (read at import).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+_default = "auto"
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "nfd_fast_backend", default=None
+)
+
+
+def _validate(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(available, reason): whether Triton imports, and if not, why."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return False, f"Triton could not be imported ({type(exc).__name__}: {exc})"
+    return True, f"triton {triton.__version__}"
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend ("auto", "triton" or "torch")."""
+    global _default
+    name = _validate(name)
+    if name == "triton":
+        _require_triton()
+    _default = name
+
+
+def get_backend() -> str:
+    """The backend in force here: a use_backend() block's, else the process-wide one."""
+    return _override.get() or _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed block with another backend, restoring the previous one after."""
+    name = _validate(name)
+    if name == "triton":
+        _require_triton()
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _require_triton() -> None:
+    ok, reason = triton_status()
+    if not ok:
+        raise RuntimeError(
+            f"backend 'triton' is unavailable: {reason}. Install it with "
+            "`pip install triton`, or use backend 'torch' (the reference)."
+        )
+
+
+def resolve(op: str, *tensors: torch.Tensor, triton_dtypes_ok: bool = True) -> str:
+    """Pick the implementation for one call of ``op`` on these tensors.
+
+    ``triton_dtypes_ok`` is False when the kernel cannot take the inputs' dtypes
+    (float64): "auto" then falls back to the reference, while an explicit "triton"
+    raises, since silently running something else would hide the choice.
+    """
+    name = get_backend()
+    on_cuda = any(t.is_cuda for t in tensors)
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        usable = on_cuda and triton_status()[0] and triton_dtypes_ok
+        return "triton" if usable else "torch"
+    _require_triton()
+    if not on_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            f"{op}: backend 'triton' needs CUDA tensors, or CPU tensors with the Triton "
+            "interpreter (TRITON_INTERPRET=1 set before Triton is imported)."
+        )
+    if not triton_dtypes_ok:
+        raise TypeError(
+            f"{op}: the Triton kernels take float32, float16 or bfloat16 inputs; "
+            "use backend 'torch' for float64."
+        )
+    return "triton"
+
+
+_env = os.environ.get("NFD_FAST_BACKEND")
+if _env:
+    _default = _validate(_env)

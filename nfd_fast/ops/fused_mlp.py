@@ -1,0 +1,524 @@
+"""fused_mlp: a coordinate MLP (SIREN, modulated SIREN, ReLU/GELU/SiLU MLPs) in one kernel.
+
+Math, for linear layers l = 0 .. L-1 (L >= 2; layers 0 .. L-2 are hidden), h_{-1} = x:
+
+    z_l = W_l h_{l-1} + b_l
+    u_l = scale_l * z_l + shift_l          FiLM modulation (functa / COIN++), per sample
+    h_l = act_l(u_l) * mult_l              multiplicative modulation (siren-pytorch)
+    y   = final_act(z_{L-1})
+
+act is sin(w0 u) (SIREN's sin(w0 (W x + b))), relu, gain * leaky_relu(u, slope), gelu,
+silu or identity, chosen per hidden layer, each with its own w0.
+
+Shapes: x [N, in] or [B, N, in]; W_l [out, in] (nn.Linear layout, shared) or
+[B, out, in] (per sample); b_l [out] or [B, out]; scale/shift/mult of hidden layer l
+[width] or [B, width]. Widths: in 1..64, hidden 1..512 (16..512 is the fused kernel's
+design range; any width works, padded to a power of two), out 1..64.
+
+What is fused (backend "triton"): the forward evaluates all layers for a tile of rows
+with the hidden state kept on chip (see kernels/fused_mlp.py). For training it also saves
+the hidden pre-activations z_l in float32: 4 * (L-1) * M * HID_PAD bytes (M = B*N rows,
+HID_PAD the hidden width rounded up to a power of two), plus 4 * M * out when the final
+layer has an activation. Backward runs one kernel per layer, dh = dz @ W with the
+activation derivative, the modulation gradients and the recomputation of h_{l-1} fused in
+its epilogue; dW = dz^T h_{l-1} is a cuBLAS matmul. Transient backward memory: three
+[M, HID_PAD] float32 buffers.
+
+Precision: accumulation is float32 always. ``precision`` picks the matmul operands:
+"ieee" (float32, default for float32 parameters; results within 1e-4 relative of the
+float64 reference), "tf32x3" (float32 accuracy from three TF32 tensor-core products),
+"tf32", "fp16", "bf16" (default for half-precision parameters). ``fast_sine`` replaces
+libdevice's sinf by a range-reduced polynomial (absolute error < 4e-7 at |x| < 1e3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend
+
+ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
+PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_IN, MAX_HIDDEN, MAX_OUT = 64, 512, 64
+
+TensorList = Sequence[Optional[torch.Tensor]]
+PerLayer = Union[float, Sequence[float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerActivation:
+    """The activation of one layer: kind, and its parameters (w0 for sine; slope and gain
+    for leaky_relu; the rest take none)."""
+
+    kind: str = "identity"
+    w0: float = 30.0
+    slope: float = 0.01
+    gain: float = 1.0
+
+
+@dataclasses.dataclass
+class MLPInputs:
+    """Validated arguments of one fused_mlp call, in batched form (x is [B, N, in])."""
+
+    x: torch.Tensor
+    weights: list
+    biases: list
+    scale: list
+    shift: list
+    mult: list
+    acts: list  # LayerActivation per layer; the last one is the final activation
+    batch: int
+    squeeze_batch: bool
+    precision: str
+    fast_sine: bool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.weights)
+
+    def widths(self) -> list[int]:
+        """[in, hidden_0, ..., out]."""
+        return [self.weights[0].shape[-1]] + [w.shape[-2] for w in self.weights]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _per_layer(value, count: int, name: str) -> list:
+    if isinstance(value, (str, int, float)) or value is None:
+        return [value] * count
+    value = list(value)
+    if len(value) != count:
+        raise ValueError(f"{name}: expected one entry per hidden layer ({count}), got {len(value)}")
+    return value
+
+
+def _layer_activations(activation, w0, first_w0, final_activation, final_w0,
+                       leaky_slope, leaky_gain, hidden: int) -> list:
+    kinds = _per_layer(activation, hidden, "activation") + [final_activation or "identity"]
+    w0s = [float(v) for v in _per_layer(w0, hidden, "w0")]
+    if first_w0 is not None:
+        w0s[0] = float(first_w0)
+    w0s.append(float(final_w0 if final_w0 is not None else w0s[-1]))
+    acts = []
+    for kind, w in zip(kinds, w0s):
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+        acts.append(LayerActivation(kind, w, float(leaky_slope), float(leaky_gain)))
+    return acts
+
+
+def _check_tensor(t: torch.Tensor, name: str, shapes: list, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if tuple(t.shape) not in [tuple(s) for s in shapes]:
+        want = " or ".join(str(list(s)) for s in shapes)
+        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first_w0=None,
+                   final_activation="identity", final_w0=None, leaky_slope=0.01,
+                   leaky_gain=1.0, scale=None, shift=None, mult=None, precision=None,
+                   fast_sine=False) -> MLPInputs:
+    """Check every argument of fused_mlp and bring it to batched form, before any launch."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected shape [N, in] or [B, N, in], got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    weights = list(weights)
+    if len(weights) < 2:
+        raise ValueError(f"weights: need at least 2 layers (one hidden layer), got {len(weights)}")
+    squeeze = x.dim() == 2
+    xb = x.unsqueeze(0) if squeeze else x
+    batch = xb.shape[0]
+    in_features = xb.shape[-1]
+    if not 1 <= in_features <= MAX_IN:
+        raise ValueError(f"x: in_features must be in 1..{MAX_IN}, got {in_features}")
+
+    def per_sample_shapes(shape):
+        return [shape] if squeeze else [shape, (batch, *shape)]
+
+    widths = [in_features]
+    for l, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor) or w.dim() not in (2, 3):
+            got = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"weights[{l}]: expected [out, in] or [B, out, in], got {got}")
+        out_f = w.shape[-2]
+        _check_tensor(w, f"weights[{l}]", per_sample_shapes((out_f, widths[-1])), x)
+        if w.dtype != weights[0].dtype:
+            raise TypeError(f"weights[{l}]: dtype {w.dtype} differs from weights[0]'s {weights[0].dtype}")
+        widths.append(out_f)
+    hidden, out_features = widths[1:-1], widths[-1]
+    if max(hidden) > MAX_HIDDEN:
+        raise ValueError(f"weights: hidden widths must be at most {MAX_HIDDEN}, got {max(hidden)}")
+    if not 1 <= out_features <= MAX_OUT:
+        raise ValueError(f"weights[-1]: out_features must be in 1..{MAX_OUT}, got {out_features}")
+
+    L = len(weights)
+    biases = [None] * L if biases is None else list(biases)
+    if len(biases) != L:
+        raise ValueError(f"biases: expected {L} entries (one per layer, None allowed), got {len(biases)}")
+    for l, bias in enumerate(biases):
+        if bias is not None:
+            _check_tensor(bias, f"biases[{l}]", per_sample_shapes((widths[l + 1],)), x)
+    mods = {}
+    for name, value in (("scale", scale), ("shift", shift), ("mult", mult)):
+        entries = [None] * (L - 1) if value is None else _per_layer_tensors(value, L - 1, name)
+        for l, t in enumerate(entries):
+            if t is not None:
+                _check_tensor(t, f"{name}[{l}]", per_sample_shapes((widths[l + 1],)), x)
+        mods[name] = entries
+    acts = _layer_activations(activation, w0, first_w0, final_activation, final_w0,
+                              leaky_slope, leaky_gain, L - 1)
+    if precision is None:
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weights[0].dtype, "ieee")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return MLPInputs(xb, weights, biases, mods["scale"], mods["shift"], mods["mult"], acts,
+                     batch, squeeze, precision, bool(fast_sine))
+
+
+def _per_layer_tensors(value, count: int, name: str) -> list:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a list with one tensor (or None) per hidden layer")
+    value = list(value)
+    if len(value) != count:
+        raise ValueError(f"{name}: expected {count} entries (one per hidden layer), got {len(value)}")
+    return value
+
+
+# ------------------------------------------------------------------------------ reference
+
+
+def apply_activation(u: torch.Tensor, act: LayerActivation) -> torch.Tensor:
+    """act(u) in plain PyTorch: the specification the kernels are tested against."""
+    if act.kind == "sine":
+        return torch.sin(act.w0 * u)
+    if act.kind == "relu":
+        return torch.relu(u)
+    if act.kind == "leaky_relu":
+        return act.gain * F.leaky_relu(u, act.slope)
+    if act.kind == "gelu":
+        return F.gelu(u)
+    if act.kind == "silu":
+        return F.silu(u)
+    return u
+
+
+def _per_sample(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """[width] or [B, width] -> broadcastable over the points of each sample."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    return t.unsqueeze(-2) if t.dim() == 2 else t
+
+
+def reference_forward(p: MLPInputs) -> torch.Tensor:
+    """The MLP layer by layer in float32 (float64 for float64 inputs)."""
+    dtype = torch.float64 if p.x.dtype == torch.float64 else torch.float32
+    h = p.x.to(dtype)
+    for l, (w, b) in enumerate(zip(p.weights, p.biases)):
+        z = torch.matmul(h, w.to(dtype).transpose(-1, -2))
+        if b is not None:
+            z = z + _per_sample(b, dtype)
+        if l == p.num_layers - 1:
+            h = apply_activation(z, p.acts[l])
+            break
+        if p.scale[l] is not None:
+            z = z * _per_sample(p.scale[l], dtype)
+        if p.shift[l] is not None:
+            z = z + _per_sample(p.shift[l], dtype)
+        h = apply_activation(z, p.acts[l])
+        if p.mult[l] is not None:
+            h = h * _per_sample(p.mult[l], dtype)
+    h = h.to(p.x.dtype)
+    return h.squeeze(0) if p.squeeze_batch else h
+
+
+# ---------------------------------------------------------------------------- public op
+
+
+def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList] = None, *,
+              activation: Union[str, Sequence[str]] = "sine", w0: PerLayer = 30.0,
+              first_w0: Optional[float] = None, final_activation: str = "identity",
+              final_w0: Optional[float] = None, leaky_slope: float = 0.01,
+              leaky_gain: float = 1.0, scale: Optional[TensorList] = None,
+              shift: Optional[TensorList] = None, mult: Optional[TensorList] = None,
+              precision: Optional[str] = None, fast_sine: bool = False) -> torch.Tensor:
+    """Evaluate an MLP per coordinate; see the module docstring for the math and shapes.
+
+    Args:
+        x: coordinates [N, in] or [B, N, in].
+        weights: L >= 2 tensors [out, in] (shared) or [B, out, in] (per sample).
+        biases: None, or L entries, each None, [out] or [B, out].
+        activation: one name for all hidden layers or one per hidden layer.
+        w0: sine frequency, one for all hidden layers or one per hidden layer;
+            first_w0 overrides layer 0's (SIREN's first_omega_0).
+        final_activation / final_w0: the output layer's activation (default linear).
+        leaky_slope / leaky_gain: leaky_relu(u, slope) * gain (StyleGAN: 0.2, sqrt(2)).
+        scale / shift / mult: None, or L-1 entries, each None, [width] or [B, width].
+        precision: matmul operand precision, see the module docstring.
+        fast_sine: polynomial sine instead of libdevice's (kernel only).
+
+    Returns: [N, out] or [B, N, out] in x's dtype.
+    """
+    p = prepare_inputs(x, weights, biases, activation=activation, w0=w0, first_w0=first_w0,
+                       final_activation=final_activation, final_w0=final_w0,
+                       leaky_slope=leaky_slope, leaky_gain=leaky_gain, scale=scale,
+                       shift=shift, mult=mult, precision=precision, fast_sine=fast_sine)
+    tensors = [p.x, *p.weights, *[t for t in p.biases + p.scale + p.shift + p.mult if t is not None]]
+    kernel_ok = all(t.dtype in _KERNEL_DTYPES for t in tensors)
+    if backend.resolve("fused_mlp", *tensors, triton_dtypes_ok=kernel_ok) == "torch":
+        return reference_forward(p)
+    return _launch(p)
+
+
+# ------------------------------------------------------------------- Triton launch glue
+# Triton is imported lazily: nfd_fast must import (and serve the reference) without it.
+
+
+def _pad(n: int) -> int:
+    """Width padded for tl.dot: a power of two, at least 16."""
+    return max(16, triton_next_pow2(n))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Padded widths and tile sizes of one call (the launch heuristics in one place)."""
+
+    in_pad: int
+    hid_pad: int
+    out_pad: int
+    block_m: int
+    block_n: int
+    block_out: int
+    num_warps: int
+
+    @property
+    def d(self) -> int:
+        return max(self.in_pad, self.hid_pad, self.out_pad)
+
+    @staticmethod
+    def of(widths: list) -> "_Geometry":
+        hid_pad = _pad(max(widths[1:-1]))
+        out_pad = _pad(widths[-1])
+        # The forward holds h and the next layer's accumulator, both [BLOCK_M, HID_PAD]
+        # float32, in registers: keep them near 64 registers per thread each.
+        block_m = 64 if hid_pad <= 256 else 32
+        block_n = min(hid_pad, 64 if hid_pad <= 256 else 32)
+        return _Geometry(_pad(widths[0]), hid_pad, out_pad, block_m, block_n,
+                         min(out_pad, 32), 8 if hid_pad >= 256 else 4)
+
+
+_PACK_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _pack_params(p: MLPInputs, g: _Geometry):
+    """Copy the (small) parameters into zero-padded buffers the kernel reads mask-free."""
+    L, D, dev = p.num_layers, g.d, p.x.device
+    widths = p.widths()
+
+    bw = p.batch if any(w.dim() == 3 for w in p.weights) else 1
+    w = torch.zeros(bw, L, D, D, device=dev, dtype=_PACK_DTYPE.get(p.precision, torch.float32))
+    for l, wl in enumerate(p.weights):
+        w[:, l, : widths[l + 1], : widths[l]] = wl
+    bias = None
+    if any(b is not None for b in p.biases):
+        bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev)
+    mods = {}
+    for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0)):
+        entries = getattr(p, name)
+        if any(t is not None for t in entries):
+            mods[name] = _pack_vectors(entries, p.batch, L - 1, g.hid_pad, fill, widths[1:], dev)
+    act = torch.tensor([[a.w0, a.slope, a.gain] for a in p.acts], dtype=torch.float32, device=dev)
+    return w, bias, mods, act
+
+
+def _pack_vectors(entries, batch, count, width, fill, widths, device) -> torch.Tensor:
+    """Per-layer vectors ([w] or [B, w], or None) -> [B or 1, count, width] float32."""
+    per_sample = any(t is not None and t.dim() == 2 for t in entries)
+    out = torch.full((batch if per_sample else 1, count, width), fill, dtype=torch.float32,
+                     device=device)
+    for l, t in enumerate(entries):
+        if t is not None:
+            out[:, l, : widths[l]] = t
+    return out
+
+
+def _stride0(t: Optional[torch.Tensor]) -> int:
+    """Batch stride of a packed buffer: 0 when it is shared by all samples."""
+    return 0 if t is None or t.shape[0] == 1 else t.stride(0)
+
+
+def _act_code(name: str) -> int:
+    from ..kernels import fused_mlp as K
+
+    return {"identity": K.IDENTITY, "sine": K.SINE, "relu": K.RELU,
+            "leaky_relu": K.LEAKY_RELU, "gelu": K.GELU, "silu": K.SILU}[name]
+
+
+def _dot_config(precision: str):
+    from ..kernels import fused_mlp as K
+
+    if precision == "fp16":
+        return K.DOT_FP16, "ieee"
+    if precision == "bf16":
+        return K.DOT_BF16, "ieee"
+    return K.DOT_FP32, precision
+
+
+def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
+    from ..kernels import fused_mlp as K
+
+    w, bias, mods, act = packed
+    B, N, IN = p.x.shape
+    M, L, OUT = B * N, p.num_layers, p.widths()[-1]
+    x = p.x.contiguous()
+    y = torch.empty(B, N, OUT, device=x.device, dtype=x.dtype)
+    final_act = _act_code(p.acts[-1].kind)
+    z = torch.empty(L - 1, M, g.hid_pad, device=x.device, dtype=torch.float32) if save_z else None
+    zf = torch.empty(M, OUT, device=x.device, dtype=torch.float32) if save_z and final_act else None
+    dummy = act  # stands in for absent optional buffers; never read
+    acts = 0
+    for l, a in enumerate(p.acts[:-1]):
+        acts |= _act_code(a.kind) << (K.ACT_BITS * l)
+    dot_kind, prec = _dot_config(p.precision)
+    grid = (triton_cdiv(N, g.block_m), B)
+    K.fused_mlp_fwd_kernel[grid](
+        x, w, bias if bias is not None else dummy,
+        mods.get("scale", dummy), mods.get("shift", dummy), mods.get("mult", dummy), act,
+        y, z if z is not None else dummy, zf if zf is not None else dummy,
+        N, IN, OUT, M,
+        _stride0(w), _stride0(bias), _stride0(mods.get("scale")), _stride0(mods.get("shift")),
+        _stride0(mods.get("mult")),
+        NUM_LAYERS=L, D=g.d, IN_PAD=g.in_pad, HID_PAD=g.hid_pad, OUT_PAD=g.out_pad,
+        ACTS=acts, FINAL_ACT=final_act, HAS_BIAS=bias is not None,
+        HAS_SCALE="scale" in mods, HAS_SHIFT="shift" in mods, HAS_MULT="mult" in mods,
+        SAVE_Z=save_z, FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
+        BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_OUT=g.block_out, num_warps=g.num_warps,
+    )
+    return y, z, zf
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
+    """Back through linear layer `layer` + 1. layer >= 0: returns (dz_layer, h_layer,
+    column sums [4, B, HID_PAD] of dz, du, du*z, g*act); layer = -1: returns dx."""
+    from ..kernels import fused_mlp as K
+
+    w, _, mods, act = packed
+    B, N, IN = p.x.shape
+    M = B * N
+    hidden = layer >= 0
+    cols = g.hid_pad if hidden else IN
+    block_n = min(64, g.hid_pad if hidden else g.in_pad)
+    block_k = min(32, _pad(dz.shape[1]))
+    tiles = triton_cdiv(N, 64)
+    dev = p.x.device
+    dst = torch.empty(M, cols, device=dev, dtype=torch.float32)
+    h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else dst
+    part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else dst
+    dot_kind, prec = _dot_config(p.precision)
+    grid = (tiles, triton_cdiv(cols, block_n), B)
+    K.fused_mlp_bwd_layer_kernel[grid](
+        dz, w, z if z is not None else act,
+        mods.get("scale", act), mods.get("shift", act), mods.get("mult", act), act,
+        dst, h, part,
+        N, M, dz.shape[1], cols, layer, _stride0(w), _stride0(mods.get("scale")),
+        _stride0(mods.get("shift")), _stride0(mods.get("mult")),
+        D=g.d, HID_PAD=g.hid_pad, ACT=_act_code(p.acts[layer].kind) if hidden else 0,
+        HIDDEN=hidden, HAS_SCALE="scale" in mods, HAS_SHIFT="shift" in mods,
+        HAS_MULT="mult" in mods, FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
+        BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    if not hidden:
+        return dst
+    return dst, h, part.sum(2)
+
+
+def _reduce_param_grad(grad_bw: torch.Tensor, like: Optional[torch.Tensor]):
+    """[B, ...] per-sample gradient -> the parameter's own shape (summed when shared)."""
+    if like is None:
+        return None
+    if like.dim() == grad_bw.dim() - 1:
+        grad_bw = grad_bw.sum(0)
+    return grad_bw.to(like.dtype)
+
+
+class _FusedMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p: MLPInputs, *tensors):
+        g = _Geometry.of(p.widths())
+        packed = _pack_params(p, g)
+        save = any(ctx.needs_input_grad[1:])
+        y, z, zf = _launch_forward(p, g, packed, save_z=save)
+        if save:
+            ctx.p, ctx.g, ctx.packed = p, g, packed
+            ctx.save_for_backward(z, zf)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        p, g, packed = ctx.p, ctx.g, ctx.packed
+        z, zf = ctx.saved_tensors
+        B, N, IN = p.x.shape
+        M, L, widths = B * N, p.num_layers, p.widths()
+        dz = grad_y.reshape(M, widths[-1]).float().contiguous()
+        if zf is not None:  # through the final activation
+            with torch.enable_grad():
+                zf_ = zf.detach().requires_grad_()
+                dz = torch.autograd.grad(apply_activation(zf_, p.acts[-1]), zf_, dz)[0]
+        grads = {"weights": [None] * L, "biases": [None] * L,
+                 "scale": [None] * (L - 1), "shift": [None] * (L - 1), "mult": [None] * (L - 1)}
+        col_sums = None  # [4, B, HID_PAD] for layer l, from the kernel of layer l + 1
+        dx = None
+        for l in range(L - 1, -1, -1):
+            out_l, in_l = widths[l + 1], widths[l]
+            if l > 0:
+                dz_prev, h_prev, sums_prev = _launch_backward_layer(p, g, packed, dz, l - 1, z)
+                h_in = h_prev[:, :in_l]
+            else:
+                h_in = p.x.reshape(M, IN).float()
+                if ctx.needs_input_grad[1]:
+                    dx = _launch_backward_layer(p, g, packed, dz, -1, None)
+            dzb = dz[:, :out_l].reshape(B, N, out_l)
+            dw = torch.bmm(dzb.transpose(1, 2), h_in.reshape(B, N, in_l))
+            grads["weights"][l] = _reduce_param_grad(dw, p.weights[l])
+            db = dzb.sum(1) if col_sums is None else col_sums[0, :, :out_l]
+            grads["biases"][l] = _reduce_param_grad(db, p.biases[l])
+            if col_sums is not None:
+                for i, name in ((1, "shift"), (2, "scale"), (3, "mult")):
+                    grads[name][l] = _reduce_param_grad(col_sums[i, :, :out_l], getattr(p, name)[l])
+            if l > 0:
+                dz, col_sums = dz_prev, sums_prev
+        dx = None if dx is None else dx.reshape(p.x.shape).to(p.x.dtype)
+        return (None, dx, *grads["weights"], *grads["biases"], *grads["scale"],
+                *grads["shift"], *grads["mult"])
+
+
+def _launch(p: MLPInputs) -> torch.Tensor:
+    B, N, _ = p.x.shape
+    out = p.widths()[-1]
+    if B * N == 0:
+        y = p.x.new_empty(B, N, out)
+    else:
+        y = _FusedMLPFunction.apply(p, p.x, *p.weights, *p.biases, *p.scale, *p.shift, *p.mult)
+    return y.squeeze(0) if p.squeeze_batch else y

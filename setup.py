@@ -1,0 +1,28 @@
+from setuptools import setup
+
+# kernels/ holds only @triton.jit code and is installed as the subpackage
+# nfd_fast.kernels; benchmarks/ is installed as nfd_fast.benchmarks so that
+# `nfd-fast bench` finds its runner from any working directory.
+setup(
+    name="nfd_fast",
+    version="0.1.0",
+    description="Fused Triton kernels for neural fields and diffusion models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=[
+        "nfd_fast",
+        "nfd_fast.ops",
+        "nfd_fast.nn",
+        "nfd_fast.kernels",
+        "nfd_fast.benchmarks",
+    ],
+    package_dir={"nfd_fast.kernels": "kernels", "nfd_fast.benchmarks": "benchmarks"},
+    # torch is not pinned: a GPU user keeps the CUDA build they already have.
+    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "ninja"],
+    },
+    entry_points={"console_scripts": ["nfd-fast=nfd_fast.cli:main"]},
+)
