@@ -1,0 +1,5 @@
+"""nn.Modules over nfd_fast's fused ops."""
+from .mlp import FusedMLP
+from .siren import ModulatedSiren, SineLayer, Siren, siren_init_
+
+__all__ = ["FusedMLP", "ModulatedSiren", "SineLayer", "Siren", "siren_init_"]

@@ -1,0 +1,25 @@
+"""Kernel tests run on CUDA when there is a GPU, else on the CPU through the Triton
+interpreter, which must be switched on before Triton is first imported."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+# The interpreter computes bfloat16 tl.dot wrongly: bf16 kernels are tested on a GPU only.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (NaN if either holds a NaN)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()

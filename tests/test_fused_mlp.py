@@ -1,0 +1,297 @@
+"""fused_mlp: the Triton kernels against the float64 reference, outputs and every gradient."""
+import dataclasses
+import math
+from typing import Optional
+
+import pytest
+import torch
+
+import nfd_fast
+from nfd_fast.ops import fused_mlp
+from nfd_fast.ops.fused_mlp import ACTIVATIONS, prepare_inputs, reference_forward
+
+from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, rel_err
+
+# Norm-wise relative error allowed per (dtype, precision), outputs and gradients.
+# float32 "ieee" is the documented default contract: within 1e-4 of float64.
+TOLERANCE = {
+    (torch.float32, "ieee"): 1e-4,
+    (torch.float32, "tf32x3"): 1e-4,
+    (torch.float32, "tf32"): 1e-2 if ON_GPU else 1e-4,
+    (torch.float16, None): 2e-2,
+    (torch.bfloat16, None): 8e-2,
+}
+
+
+@dataclasses.dataclass
+class Problem:
+    """One random fused_mlp call: tensors and keyword options."""
+
+    x: torch.Tensor
+    weights: list
+    biases: Optional[list]
+    options: dict
+    mods: dict
+
+    def tensors(self) -> list:
+        mods = [t for v in self.mods.values() for t in v if t is not None]
+        return [self.x, *self.weights, *[b for b in self.biases or [] if b is not None], *mods]
+
+    def call(self, cast=None):
+        """fused_mlp on these inputs, optionally cast (float64 for the oracle)."""
+        c = (lambda t: t) if cast is None else (lambda t: None if t is None else cast(t))
+        mods = {k: [c(t) for t in v] for k, v in self.mods.items()}
+        biases = None if self.biases is None else [c(b) for b in self.biases]
+        return fused_mlp(c(self.x), [c(w) for w in self.weights], biases, **mods, **self.options)
+
+
+def make_problem(widths, n=37, batch=None, dtype=torch.float32, per_sample_weights=False,
+                 bias="shared", mods=(), per_sample_mods=True, activation="sine", w0=3.0,
+                 seed=0, **options) -> Problem:
+    """Random inputs (never zeros) scaled so activations are neither saturated nor tiny."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        t = (torch.rand(*shape, generator=g) * 2 - 1) * scale
+        return t.to(device=DEVICE, dtype=dtype).requires_grad_()
+
+    lead = () if batch is None else (batch,)
+    wlead = lead if per_sample_weights else ()
+    x = rand(*lead, n, widths[0])
+    weights = [rand(*wlead, o, i, scale=math.sqrt(3.0 / i)) for i, o in zip(widths[:-1], widths[1:])]
+    biases = None
+    if bias != "none":
+        blead = lead if bias == "per_sample" else ()
+        biases = [rand(*blead, o, scale=0.5) for o in widths[1:]]
+        if bias == "partial":
+            biases[1] = None
+    mlead = lead if per_sample_mods else ()
+    mod_tensors = {}
+    for kind in mods:
+        base = {"scale": 1.0, "shift": 0.0, "mult": 1.0}[kind]
+        entries = []
+        for l, width in enumerate(widths[1:-1]):
+            t = rand(*mlead, width, scale=0.5)
+            t = (t.detach() + base).requires_grad_()
+            entries.append(None if (l == 1 and len(widths) > 3) else t)
+        mod_tensors[kind] = entries
+    return Problem(x, weights, biases, dict(activation=activation, w0=w0, **options), mod_tensors)
+
+
+def check_against_reference(problem: Problem, tol: float, grads: bool = True):
+    """Kernel output and gradients vs the float64 reference on the same inputs."""
+    with nfd_fast.use_backend("triton"):
+        y = problem.call()
+    with nfd_fast.use_backend("torch"):
+        y_ref = problem.call(cast=lambda t: t.double())
+    assert y.dtype == problem.x.dtype and y.shape == y_ref.shape
+    assert torch.isfinite(y).all()
+    assert rel_err(y, y_ref) < tol, f"output rel err {rel_err(y, y_ref):.2e}"
+    if not grads:
+        return
+    grad_out = torch.rand(y.shape, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    inputs = problem.tensors()
+    got = torch.autograd.grad(y, inputs, grad_out.to(y))
+    want = torch.autograd.grad(y_ref, inputs, grad_out.to(y_ref.device, torch.float64))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == inputs[i].dtype and a.shape == inputs[i].shape
+        err = rel_err(a, b)
+        assert err < tol, f"gradient of input {i} {list(inputs[i].shape)}: rel err {err:.2e}"
+
+
+def tolerance(dtype, precision="ieee"):
+    return TOLERANCE[(dtype, precision if dtype == torch.float32 else None)]
+
+
+# ------------------------------------------------------------------------ kernel vs ref
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("final_activation", ["identity", "sine", "leaky_relu"])
+def test_activations(activation, final_activation):
+    p = make_problem((3, 48, 48, 5), n=37, activation=activation, final_activation=final_activation,
+                     leaky_slope=0.2, leaky_gain=math.sqrt(2), w0=2.5, first_w0=7.0)
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
+@pytest.mark.parametrize("n", [1, 37, 1000])
+@pytest.mark.parametrize("widths", [(2, 48, 48, 3), (3, 100, 100, 100, 5), (1, 16, 1)])
+def test_sizes_and_depths(n, widths):
+    # odd and even layer counts take different paths through the kernel
+    p = make_problem(widths, n=n, batch=2)
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
+@pytest.mark.parametrize("widths", [(64, 20, 64), (2, 512, 3), (7, 40, 100, 24, 9)])
+def test_width_extremes_and_unequal_hidden_widths(widths):
+    p = make_problem(widths, n=19, batch=2, activation="silu")
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
+def test_per_layer_activations_and_w0():
+    p = make_problem((2, 32, 32, 32, 4), n=50, activation=["sine", "gelu", "sine"],
+                     w0=[30.0, 1.0, 2.0])
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
+@pytest.mark.parametrize("bias", ["none", "shared", "per_sample", "partial"])
+@pytest.mark.parametrize("per_sample_weights", [False, True])
+def test_weights_and_biases_layouts(bias, per_sample_weights):
+    p = make_problem((2, 40, 40, 40, 3), n=33, batch=3, bias=bias,
+                     per_sample_weights=per_sample_weights)
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
+@pytest.mark.parametrize("mods", [("scale",), ("shift",), ("mult",), ("scale", "shift", "mult")])
+@pytest.mark.parametrize("per_sample_mods", [True, False])
+def test_modulations(mods, per_sample_mods):
+    # layer 1's modulation is None: an absent entry in the middle of a list
+    p = make_problem((2, 48, 48, 48, 3), n=45, batch=3, mods=mods, per_sample_mods=per_sample_mods)
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("activation", ["sine", "relu"])
+def test_dtypes(dtype, activation):
+    p = make_problem((2, 64, 64, 3), n=100, batch=2, dtype=dtype, activation=activation,
+                     mods=("shift", "mult"))
+    check_against_reference(p, tolerance(dtype))
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_float32_precisions(precision):
+    p = make_problem((2, 64, 64, 3), n=64, precision=precision)
+    check_against_reference(p, tolerance(torch.float32, precision))
+
+
+def test_siren_w30_float32_meets_default_contract():
+    """The published SIREN setting (w0 = 30, SIREN init) at the 1e-4 contract."""
+    siren = nfd_fast.nn.Siren(2, 64, 2, 3).to(DEVICE)
+    x = torch.rand(300, 2, device=DEVICE) * 2 - 1
+    with nfd_fast.use_backend("triton"):
+        y = siren(x)
+    with nfd_fast.use_backend("torch"):
+        y_ref = siren.double()(x.double())
+    assert rel_err(y, y_ref) < 1e-4
+
+
+def test_fast_sine_error():
+    """fast_sine's polynomial: documented absolute error < 4e-7 for |x| < 1e3."""
+    from nfd_fast.kernels import fused_mlp as K  # noqa: F401 (kernel module must import)
+
+    p = make_problem((2, 32, 32, 3), n=200, fast_sine=True, w0=30.0)
+    check_against_reference(p, 1e-4)
+    # The polynomial itself, on a one-layer identity problem: y = sin(w0 * x), w0 = 1.
+    x = torch.linspace(-1000, 1000, 20011, device=DEVICE).reshape(-1, 1)
+    eye = torch.ones(1, 1, device=DEVICE)
+    with nfd_fast.use_backend("triton"):
+        y = fused_mlp(x, [eye, eye], activation="sine", w0=1.0, fast_sine=True)
+    assert (y.double() - torch.sin(x.double())).abs().max().item() < 4e-7
+
+
+# --------------------------------------------------------------------- edge behaviour
+
+
+def test_empty_batch_returns_empty():
+    p = make_problem((2, 32, 3), n=0, batch=2)
+    with nfd_fast.use_backend("triton"):
+        y = p.call()
+    assert y.shape == (2, 0, 3)
+
+
+def test_nan_in_gives_nan_out():
+    p = make_problem((2, 32, 32, 3), n=20)
+    x = p.x.detach().clone()
+    x[5, 1] = float("nan")
+    with nfd_fast.use_backend("triton"):
+        y = fused_mlp(x, p.weights, p.biases, **p.options)
+    assert torch.isnan(y[5]).all()
+    assert torch.isfinite(torch.cat([y[:5], y[6:]])).all()
+
+
+def test_unbatched_matches_batch_of_one():
+    p = make_problem((3, 48, 2), n=31)
+    with nfd_fast.use_backend("triton"):
+        y = p.call()
+        y1 = fused_mlp(p.x.unsqueeze(0), p.weights, p.biases, **p.options)
+    assert y.shape == (31, 2)
+    torch.testing.assert_close(y, y1[0])
+
+
+def test_no_grad_call_saves_nothing_and_matches():
+    p = make_problem((2, 32, 32, 3), n=40)
+    with nfd_fast.use_backend("triton"):
+        with torch.no_grad():
+            y0 = p.call()
+        y1 = p.call()
+    assert y0.grad_fn is None
+    torch.testing.assert_close(y0, y1.detach())
+
+
+# -------------------------------------------------------------------------- reference
+
+
+def test_reference_gradcheck_float64():
+    p = make_problem((2, 8, 8, 3), n=5, batch=2, dtype=torch.float64, mods=("scale", "shift", "mult"),
+                     bias="per_sample", per_sample_weights=True, w0=2.0, final_activation="sine")
+    inputs = p.tensors()
+
+    def fn(*ts):
+        # rebuild the problem from the flat tensor list gradcheck perturbs
+        it = iter(ts)
+        q = dataclasses.replace(p, x=next(it), weights=[next(it) for _ in p.weights],
+                                biases=[next(it) for _ in p.biases])
+        q.mods = {k: [None if t is None else next(it) for t in v] for k, v in p.mods.items()}
+        with nfd_fast.use_backend("torch"):
+            return q.call()
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_reference_matches_plain_siren_formula():
+    torch.manual_seed(0)
+    x = torch.rand(10, 2, dtype=torch.float64)
+    w = [torch.randn(16, 2, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)]
+    b = [torch.randn(16, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    with nfd_fast.use_backend("torch"):
+        y = fused_mlp(x, w, b, activation="sine", w0=30.0,
+                      shift=[torch.full((16,), 0.25, dtype=torch.float64)])
+    expected = torch.sin(30.0 * (x @ w[0].T + b[0] + 0.25)) @ w[1].T + b[1]
+    torch.testing.assert_close(y, expected)
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def _w(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: fused_mlp(_w(5), [_w(16, 5), _w(3, 16)]), ValueError, "x: expected shape"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2)]), ValueError, "at least 2 layers"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 3), _w(3, 16)]), ValueError, r"weights\[0\]: expected shape"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 17)]), ValueError, r"weights\[1\]: expected shape"),
+    (lambda: fused_mlp(_w(5, 65), [_w(16, 65), _w(3, 16)]), ValueError, "in_features must be in 1..64"),
+    (lambda: fused_mlp(_w(5, 2), [_w(600, 2), _w(3, 600)]), ValueError, "at most 512"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(65, 16)]), ValueError, "out_features must be in 1..64"),
+    (lambda: fused_mlp(_w(2, 5, 2), [_w(3, 16, 2), _w(3, 16)]), ValueError, r"weights\[0\]: expected shape \[16, 2\] or \[2, 16, 2\]"),
+    (lambda: fused_mlp(_w(2, 5, 2), [_w(16, 2), _w(3, 16)], [_w(4, 16), None]), ValueError, r"biases\[0\]"),
+    (lambda: fused_mlp(_w(2, 5, 2), [_w(16, 2), _w(3, 16)], [None]), ValueError, "biases: expected 2 entries"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16).half()]), TypeError, r"weights\[1\]: dtype"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], shift=_w(16)), TypeError, "shift: expected a list"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], scale=[_w(17)]), ValueError, r"scale\[0\]: expected shape"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], activation="tanh"), ValueError, "activation must be one of"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], precision="fp8"), ValueError, "precision must be one of"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], w0=[1.0, 2.0]), ValueError, "w0: expected one entry"),
+    (lambda: fused_mlp(_w(5, 2).long(), [_w(16, 2), _w(3, 16)]), TypeError, "x: expected a floating-point"),
+])
+def test_bad_input_raises_before_launch(call, error, match):
+    with nfd_fast.use_backend("triton"), pytest.raises(error, match=match):
+        call()
+
+
+def test_device_mismatch_raises():
+    x = torch.rand(5, 2, device="meta")
+    with pytest.raises(ValueError, match=r"weights\[0\]: is on cpu but x is on meta"):
+        fused_mlp(x, [torch.randn(16, 2), torch.randn(3, 16)])
