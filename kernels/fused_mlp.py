@@ -30,15 +30,17 @@ import triton.language as tl
 # Activation codes; a layer's code sits in 4 bits of the constexpr ACTS bit-field.
 IDENTITY, SINE, RELU, LEAKY_RELU, GELU, SILU = 0, 1, 2, 3, 4, 5
 ACT_BITS = 4
+_ACT_BITS = tl.constexpr(ACT_BITS)  # jit code may read only constexpr globals
 
 # Dot operand kinds.
 DOT_FP32, DOT_FP16, DOT_BF16 = 0, 1, 2
 
-_INV_2PI = 0.15915494309189535
-_TWO_PI_HI = 6.28125  # 2*pi split in two (Cody-Waite) so k * _TWO_PI_HI is exact
-_TWO_PI_LO = 0.0019353071795864769
-_PI = 3.141592653589793
-_HALF_PI = 1.5707963267948966
+_INV_2PI = tl.constexpr(0.15915494309189535)
+# 2*pi split in two (Cody-Waite) so k * _TWO_PI_HI is exact for |k| < 2^16
+_TWO_PI_HI = tl.constexpr(6.28125)
+_TWO_PI_LO = tl.constexpr(0.0019353071795864769)
+_PI = tl.constexpr(3.141592653589793)
+_HALF_PI = tl.constexpr(1.5707963267948966)
 
 
 @triton.jit
@@ -192,57 +194,56 @@ def fused_mlp_fwd_kernel(
     cfull = tl.arange(0, HID_PAD)
 
     for p in tl.static_range(NUM_LAYERS // 2):
-        la: tl.constexpr = 2 * p
-        lb: tl.constexpr = 2 * p + 1
-        LB_LAST: tl.constexpr = lb == NUM_LAYERS - 1
-        if la == 0:
-            K_PAD: tl.constexpr = IN_PAD
+        # Layers a = 2p and b = 2p + 1. Their indices are written out inline: Triton would
+        # turn a constexpr bound to a local name into a tensor, and these must stay
+        # compile-time values (they pick shapes and activations).
+        if p == 0:
+            kk = tl.arange(0, IN_PAD)
         else:
-            K_PAD: tl.constexpr = HID_PAD
-        if LB_LAST:
-            NB_PAD: tl.constexpr = OUT_PAD
+            kk = cfull
+        if 2 * p + 1 == NUM_LAYERS - 1:
+            nb = tl.arange(0, OUT_PAD)
+            acc = tl.zeros((BLOCK_M, OUT_PAD), dtype=tl.float32)
         else:
-            NB_PAD: tl.constexpr = HID_PAD
-        ACT_A: tl.constexpr = (ACTS >> (ACT_BITS * la)) & 15
-        kk = tl.arange(0, K_PAD)
-        nb = tl.arange(0, NB_PAD)
-        acc = tl.zeros((BLOCK_M, NB_PAD), dtype=tl.float32)
+            nb = cfull
+            acc = tl.zeros((BLOCK_M, HID_PAD), dtype=tl.float32)
         for j in range(0, HID_PAD, BLOCK_N):
             cj = j + tl.arange(0, BLOCK_N)
-            zc = _matmul(h, _load_weight_t(w_base + la * D * D, kk, cj, D), DOT_KIND, PRECISION)
+            zc = _matmul(h, _load_weight_t(w_base + 2 * p * D * D, kk, cj, D), DOT_KIND, PRECISION)
             if HAS_BIAS:
-                zc += tl.load(b_base + la * D + cj)[None, :]
+                zc += tl.load(b_base + 2 * p * D + cj)[None, :]
             if SAVE_Z:
-                tl.store(z_ptr + (la * M + grow[:, None]) * HID_PAD + cj[None, :], zc,
+                tl.store(z_ptr + (2 * p * M + grow[:, None]) * HID_PAD + cj[None, :], zc,
                          mask=row_ok[:, None])
-            hc = _modulate(zc, cj, b, la, scale_ptr, shift_ptr, mult_ptr, act_ptr,
-                           stride_sb, stride_tb, stride_mb, HID_PAD, ACT_A,
+            hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                           stride_sb, stride_tb, stride_mb, HID_PAD,
+                           (ACTS >> (_ACT_BITS * 2 * p)) & 15,
                            HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
-            acc += _matmul(hc, _load_weight_t(w_base + lb * D * D, cj, nb, D), DOT_KIND, PRECISION)
+            acc += _matmul(hc, _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D),
+                           DOT_KIND, PRECISION)
         if HAS_BIAS:
-            acc += tl.load(b_base + lb * D + nb)[None, :]
-        if LB_LAST:
-            _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, lb,
+            acc += tl.load(b_base + (2 * p + 1) * D + nb)[None, :]
+        if 2 * p + 1 == NUM_LAYERS - 1:
+            _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, 2 * p + 1,
                           FINAL_ACT, SAVE_Z, FAST_SINE)
         else:
             if SAVE_Z:
-                tl.store(z_ptr + (lb * M + grow[:, None]) * HID_PAD + cfull[None, :], acc,
-                         mask=row_ok[:, None])
-            ACT_B: tl.constexpr = (ACTS >> (ACT_BITS * lb)) & 15
-            h = _modulate(acc, cfull, b, lb, scale_ptr, shift_ptr, mult_ptr, act_ptr,
-                          stride_sb, stride_tb, stride_mb, HID_PAD, ACT_B,
+                tl.store(z_ptr + ((2 * p + 1) * M + grow[:, None]) * HID_PAD + cfull[None, :],
+                         acc, mask=row_ok[:, None])
+            h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                          stride_sb, stride_tb, stride_mb, HID_PAD,
+                          (ACTS >> (_ACT_BITS * (2 * p + 1))) & 15,
                           HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
 
     if NUM_LAYERS % 2 == 1:
         # An odd layer count leaves the output layer alone; its BLOCK_OUT-wide column
         # chunks go straight to memory, so no concatenation is needed.
-        LAST: tl.constexpr = NUM_LAYERS - 1
         for j in range(0, OUT_PAD, BLOCK_OUT):
             cj = j + tl.arange(0, BLOCK_OUT)
-            yc = _matmul(h, _load_weight_t(w_base + LAST * D * D, cfull, cj, D), DOT_KIND, PRECISION)
+            yc = _matmul(h, _load_weight_t(w_base + (NUM_LAYERS - 1) * D * D, cfull, cj, D), DOT_KIND, PRECISION)
             if HAS_BIAS:
-                yc += tl.load(b_base + LAST * D + cj)[None, :]
-            _store_output(yc, cj, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, LAST,
+                yc += tl.load(b_base + (NUM_LAYERS - 1) * D + cj)[None, :]
+            _store_output(yc, cj, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, NUM_LAYERS - 1,
                           FINAL_ACT, SAVE_Z, FAST_SINE)
 
 

@@ -308,21 +308,26 @@ class _Geometry:
     block_n: int
     block_out: int
     num_warps: int
+    num_stages: int
 
     @property
     def d(self) -> int:
         return max(self.in_pad, self.hid_pad, self.out_pad)
 
     @staticmethod
-    def of(widths: list) -> "_Geometry":
+    def of(widths: list, precision: str) -> "_Geometry":
+        """Tile sizes chosen from sm_90 compile reports (tests/sm90_compile.py): the
+        largest tiles that compile without register spills and within shared memory.
+        The forward holds h and the next layer's accumulator, [BLOCK_M, HID_PAD] float32
+        each, in registers; float32 dot operands also double the shared-memory tiles."""
         hid_pad = _pad(max(widths[1:-1]))
         out_pad = _pad(widths[-1])
-        # The forward holds h and the next layer's accumulator, both [BLOCK_M, HID_PAD]
-        # float32, in registers: keep them near 64 registers per thread each.
-        block_m = 64 if hid_pad <= 256 else 32
-        block_n = min(hid_pad, 64 if hid_pad <= 256 else 32)
-        return _Geometry(_pad(widths[0]), hid_pad, out_pad, block_m, block_n,
-                         min(out_pad, 32), 8 if hid_pad >= 256 else 4)
+        if precision in ("fp16", "bf16"):
+            block_m, block_n, stages = 64, (64 if hid_pad <= 256 else 32), 2
+        else:
+            block_m, block_n, stages = (32 if hid_pad >= 256 else 64), 32, 1
+        return _Geometry(_pad(widths[0]), hid_pad, out_pad, block_m, min(block_n, hid_pad),
+                         min(out_pad, 32), 8 if hid_pad >= 128 else 4, stages)
 
 
 _PACK_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -411,6 +416,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
         HAS_SCALE="scale" in mods, HAS_SHIFT="shift" in mods, HAS_MULT="mult" in mods,
         SAVE_Z=save_z, FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_OUT=g.block_out, num_warps=g.num_warps,
+        num_stages=g.num_stages,
     )
     return y, z, zf
 
@@ -447,7 +453,7 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
         D=g.d, HID_PAD=g.hid_pad, ACT=_act_code(p.acts[layer].kind) if hidden else 0,
         HIDDEN=hidden, HAS_SCALE="scale" in mods, HAS_SHIFT="shift" in mods,
         HAS_MULT="mult" in mods, FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
-        BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
     )
     if not hidden:
         return dst
@@ -466,7 +472,7 @@ def _reduce_param_grad(grad_bw: torch.Tensor, like: Optional[torch.Tensor]):
 class _FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: MLPInputs, *tensors):
-        g = _Geometry.of(p.widths())
+        g = _Geometry.of(p.widths(), p.precision)
         packed = _pack_params(p, g)
         save = any(ctx.needs_input_grad[1:])
         y, z, zf = _launch_forward(p, g, packed, save_z=save)

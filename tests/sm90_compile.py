@@ -1,0 +1,147 @@
+"""Compile nfd_fast's kernels for an H100 (sm_90) without a GPU, and report their resources.
+
+The Triton interpreter runs kernels as Python, so it cannot catch what only the compiler
+rejects (constexpr misuse, unsupported dot shapes, layouts). This script runs fused_mlp's
+forward and backward on CPU tensors with the launches intercepted, and compiles each
+intercepted launch for GPUTarget("cuda", 90, 32) with Triton's own compiler (ptxas ships
+with the wheel), printing registers, spills and shared memory per kernel.
+
+Run as a script with TRITON_INTERPRET unset: `python tests/sm90_compile.py [--quick]`.
+"""
+import argparse
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("sm90_compile.py must run with TRITON_INTERPRET unset (it compiles the real kernels)")
+
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nfd_fast.kernels import fused_mlp as K
+import importlib
+
+ops = importlib.import_module("nfd_fast.ops.fused_mlp")  # the package re-exports a function of that name
+
+H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class _Recorder:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPE_NAMES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type {value!r}")
+
+
+def compile_launch(fn, args, kwargs):
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps", 4)
+    names = fn.arg_names
+    values = dict(zip(names, args), **kwargs)
+    signature, constexprs = {}, {}
+    for param, name in zip(fn.params, names):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = values[name]
+        else:
+            signature[name] = _arg_type(values[name])
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def ptxas_report(compiled) -> str:
+    """Registers and spills, from ptxas -v on the kernel's PTX (no driver needed)."""
+    from triton.backends.nvidia import compiler as nv
+
+    try:  # the signature changed across Triton releases
+        tool = nv.get_ptxas(90)
+    except TypeError:
+        tool = nv.get_ptxas()
+    ptxas = tool.path if hasattr(tool, "path") else tool[0]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"{regs.group(1) if regs else '?':>4} {spills.group(1) if spills else '?':>6}"
+
+
+def record_fused_mlp(widths, dtype, batch=2, n=300, **options):
+    """Every kernel launch of one forward + backward of fused_mlp."""
+    calls = []
+    saved = K.fused_mlp_fwd_kernel, K.fused_mlp_bwd_layer_kernel
+    K.fused_mlp_fwd_kernel = _Recorder(saved[0], calls)
+    K.fused_mlp_bwd_layer_kernel = _Recorder(saved[1], calls)
+    try:
+        x = torch.rand(batch, n, widths[0], dtype=dtype, requires_grad=True)
+        ws = [torch.randn(o, i, dtype=dtype, requires_grad=True) for i, o in zip(widths[:-1], widths[1:])]
+        p = ops.prepare_inputs(x, ws, **options)
+        ops._launch(p).sum().backward()
+    finally:
+        K.fused_mlp_fwd_kernel, K.fused_mlp_bwd_layer_kernel = saved
+    return calls
+
+
+CONFIGS = [
+    # (widths, dtype, options): the benchmark's SIREN first
+    ((2, 256, 256, 256, 256, 3), torch.float32, {}),
+    ((2, 256, 256, 256, 256, 3), torch.float32, {"precision": "tf32x3"}),
+    ((2, 256, 256, 256, 256, 3), torch.float16, {"fast_sine": True}),
+    ((2, 256, 256, 256, 256, 3), torch.bfloat16, {}),
+    ((3, 100, 100, 100, 5), torch.float32, {"activation": "gelu", "final_activation": "sine"}),
+    ((64, 512, 512, 64), torch.float32, {"activation": "silu"}),
+    ((2, 16, 1), torch.float16, {"activation": "leaky_relu"}),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="first two configurations only")
+    args = parser.parse_args(argv)
+    configs = CONFIGS[:2] if args.quick else CONFIGS
+    print(f"triton {triton.__version__}, target sm_90")
+    print(f"{'kernel':28} {'widths':24} {'dtype':9} {'options':40} regs spills smem")
+    seen, too_big = set(), []
+    for widths, dtype, options in configs:
+        for fn, a, kw in record_fused_mlp(widths, dtype, **options):
+            key = (fn.__name__, widths, dtype, tuple(sorted(kw.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            c = compile_launch(fn, a, kw)
+            meta = c.metadata
+            print(f"{fn.__name__:28} {str(widths):24} {_DTYPE_NAMES[dtype]:9} {str(options):40} "
+                  f"{ptxas_report(c)} {meta.shared}", flush=True)
+            if meta.shared > H100_MAX_SHARED:
+                too_big.append(f"{fn.__name__} {widths} {_DTYPE_NAMES[dtype]} {options}")
+    for entry in too_big:
+        print(f"FAIL: needs more shared memory than an H100 has: {entry}")
+    return 1 if too_big else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
