@@ -29,8 +29,7 @@ import triton.language as tl
 
 # Activation codes; a layer's code sits in 4 bits of the constexpr ACTS bit-field.
 IDENTITY, SINE, RELU, LEAKY_RELU, GELU, SILU = 0, 1, 2, 3, 4, 5
-ACT_BITS = 4
-_ACT_BITS = tl.constexpr(ACT_BITS)  # jit code may read only constexpr globals
+ACT_BITS = 4  # the kernel reads layer l's code as (ACTS >> 4 l) & 15
 
 # Dot operand kinds.
 DOT_FP32, DOT_FP16, DOT_BF16 = 0, 1, 2
@@ -217,7 +216,7 @@ def fused_mlp_fwd_kernel(
                          mask=row_ok[:, None])
             hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                            stride_sb, stride_tb, stride_mb, HID_PAD,
-                           (ACTS >> (_ACT_BITS * 2 * p)) & 15,
+                           (ACTS >> (8 * p)) & 15,
                            HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
             acc += _matmul(hc, _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D),
                            DOT_KIND, PRECISION)
@@ -232,7 +231,7 @@ def fused_mlp_fwd_kernel(
                          acc, mask=row_ok[:, None])
             h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                           stride_sb, stride_tb, stride_mb, HID_PAD,
-                          (ACTS >> (_ACT_BITS * (2 * p + 1))) & 15,
+                          (ACTS >> (8 * p + 4)) & 15,
                           HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
 
     if NUM_LAYERS % 2 == 1:
