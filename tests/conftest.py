@@ -7,6 +7,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton 3.9 warns unless this is set; 1 keeps the behaviour of older releases (3.6 on GPUs)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
