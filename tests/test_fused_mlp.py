@@ -197,6 +197,8 @@ def test_empty_batch_returns_empty():
     with nfd_fast.use_backend("triton"):
         y = p.call()
     assert y.shape == (2, 0, 3)
+    y.sum().backward()  # still part of the graph: parameters get (zero) gradients
+    assert p.weights[0].grad is not None and not p.weights[0].grad.any()
 
 
 def test_nan_in_gives_nan_out():
@@ -279,6 +281,8 @@ def _w(*shape):
     (lambda: fused_mlp(_w(2, 5, 2), [_w(16, 2), _w(3, 16)], [_w(4, 16), None]), ValueError, r"biases\[0\]"),
     (lambda: fused_mlp(_w(2, 5, 2), [_w(16, 2), _w(3, 16)], [None]), ValueError, "biases: expected 2 entries"),
     (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16).half()]), TypeError, r"weights\[1\]: dtype"),
+    (lambda: fused_mlp(_w(5, 2).half(), [_w(16, 2), _w(3, 16)]), TypeError, r"weights\[0\]: dtype torch.float32 differs from x's torch.float16"),
+    (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], [_w(16).double(), None]), TypeError, r"biases\[0\]: dtype"),
     (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], shift=_w(16)), TypeError, "shift: expected a list"),
     (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], scale=[_w(17)]), ValueError, r"scale\[0\]: expected shape"),
     (lambda: fused_mlp(_w(5, 2), [_w(16, 2), _w(3, 16)], activation="tanh"), ValueError, "activation must be one of"),

@@ -33,7 +33,6 @@ libdevice's sinf by a range-reduced polynomial (absolute error < 4e-7 at |x| < 1
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -121,8 +120,9 @@ def _check_tensor(t: torch.Tensor, name: str, shapes: list, x: torch.Tensor) -> 
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}; "
+                        "cast the inputs and parameters to one dtype")
 
 
 def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first_w0=None,
@@ -156,8 +156,6 @@ def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first
             raise ValueError(f"weights[{l}]: expected [out, in] or [B, out, in], got {got}")
         out_f = w.shape[-2]
         _check_tensor(w, f"weights[{l}]", per_sample_shapes((out_f, widths[-1])), x)
-        if w.dtype != weights[0].dtype:
-            raise TypeError(f"weights[{l}]: dtype {w.dtype} differs from weights[0]'s {weights[0].dtype}")
         widths.append(out_f)
     hidden, out_features = widths[1:-1], widths[-1]
     if max(hidden) > MAX_HIDDEN:
@@ -290,10 +288,10 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
 
 def _pad(n: int) -> int:
     """Width padded for tl.dot: a power of two, at least 16."""
-    return max(16, triton_next_pow2(n))
+    return max(16, _next_pow2(n))
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
@@ -403,7 +401,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
     for l, a in enumerate(p.acts[:-1]):
         acts |= _act_code(a.kind) << (K.ACT_BITS * l)
     dot_kind, prec = _dot_config(p.precision)
-    grid = (triton_cdiv(N, g.block_m), B)
+    grid = (_cdiv(N, g.block_m), B)
     K.fused_mlp_fwd_kernel[grid](
         x, w, bias if bias is not None else dummy,
         mods.get("scale", dummy), mods.get("shift", dummy), mods.get("mult", dummy), act,
@@ -421,7 +419,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
     return y, z, zf
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -437,13 +435,13 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
     cols = g.hid_pad if hidden else IN
     block_n = min(64, g.hid_pad if hidden else g.in_pad)
     block_k = min(32, _pad(dz.shape[1]))
-    tiles = triton_cdiv(N, 64)
+    tiles = _cdiv(N, 64)
     dev = p.x.device
     dst = torch.empty(M, cols, device=dev, dtype=torch.float32)
     h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else dst
     part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else dst
     dot_kind, prec = _dot_config(p.precision)
-    grid = (tiles, triton_cdiv(cols, block_n), B)
+    grid = (tiles, _cdiv(cols, block_n), B)
     K.fused_mlp_bwd_layer_kernel[grid](
         dz, w, z if z is not None else act,
         mods.get("scale", act), mods.get("shift", act), mods.get("mult", act), act,
@@ -477,15 +475,17 @@ class _FusedMLPFunction(torch.autograd.Function):
         save = any(ctx.needs_input_grad[1:])
         y, z, zf = _launch_forward(p, g, packed, save_z=save)
         if save:
+            # x goes through save_for_backward (version-checked); p keeps the shapes and
+            # options, packed the private copies of the parameters the kernels read
             ctx.p, ctx.g, ctx.packed = p, g, packed
-            ctx.save_for_backward(z, zf)
+            ctx.save_for_backward(z, zf, p.x)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         p, g, packed = ctx.p, ctx.g, ctx.packed
-        z, zf = ctx.saved_tensors
-        B, N, IN = p.x.shape
+        z, zf, x = ctx.saved_tensors
+        B, N, IN = x.shape
         M, L, widths = B * N, p.num_layers, p.widths()
         dz = grad_y.reshape(M, widths[-1]).float().contiguous()
         if zf is not None:  # through the final activation
@@ -502,7 +502,7 @@ class _FusedMLPFunction(torch.autograd.Function):
                 dz_prev, h_prev, sums_prev = _launch_backward_layer(p, g, packed, dz, l - 1, z)
                 h_in = h_prev[:, :in_l]
             else:
-                h_in = p.x.reshape(M, IN).float()
+                h_in = x.reshape(M, IN).float()
                 if ctx.needs_input_grad[1]:
                     dx = _launch_backward_layer(p, g, packed, dz, -1, None)
             dzb = dz[:, :out_l].reshape(B, N, out_l)
@@ -515,16 +515,13 @@ class _FusedMLPFunction(torch.autograd.Function):
                     grads[name][l] = _reduce_param_grad(col_sums[i, :, :out_l], getattr(p, name)[l])
             if l > 0:
                 dz, col_sums = dz_prev, sums_prev
-        dx = None if dx is None else dx.reshape(p.x.shape).to(p.x.dtype)
+        dx = None if dx is None else dx.reshape(x.shape).to(x.dtype)
         return (None, dx, *grads["weights"], *grads["biases"], *grads["scale"],
                 *grads["shift"], *grads["mult"])
 
 
 def _launch(p: MLPInputs) -> torch.Tensor:
-    B, N, _ = p.x.shape
-    out = p.widths()[-1]
-    if B * N == 0:
-        y = p.x.new_empty(B, N, out)
-    else:
-        y = _FusedMLPFunction.apply(p, p.x, *p.weights, *p.biases, *p.scale, *p.shift, *p.mult)
+    if p.x.numel() == 0:  # nothing to launch; the reference keeps autograd connected
+        return reference_forward(p)
+    y = _FusedMLPFunction.apply(p, p.x, *p.weights, *p.biases, *p.scale, *p.shift, *p.mult)
     return y.squeeze(0) if p.squeeze_batch else y
