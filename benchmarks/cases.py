@@ -33,19 +33,24 @@ def _siren_and_coords(device, quick):
     return widths, n, siren, coords
 
 
-def _implementations(step, siren):
-    """eager / compiled reference and nfd_fast variants of one step(siren_like, *inputs)."""
+def _implementations(step, siren, variants):
+    """eager / compiled reference and nfd_fast variants of one step(siren_like, *inputs);
+    variants: {label: Siren keyword options}."""
     compiled = torch.compile(_with_backend("torch", lambda *a: step(siren, *a)))
     impls = {
         "eager": _with_backend("torch", lambda *a: step(siren, *a)),
         "compiled": compiled,
         "nfd_fast": _with_backend("auto", lambda *a: step(siren, *a)),
     }
-    for precision in ("tf32x3", "bf16"):
-        variant = Siren(2, 256, 3, 3, precision=precision).to(next(siren.parameters()).device)
+    for label, options in variants.items():
+        variant = Siren(2, 256, 3, 3, **options).to(next(siren.parameters()).device)
         variant.load_state_dict(siren.state_dict())
-        impls[f"nfd_fast[{precision}]"] = _with_backend("auto", lambda *a, v=variant: step(v, *a))
+        impls[f"nfd_fast[{label}]"] = _with_backend("auto", lambda *a, v=variant: step(v, *a))
     return impls
+
+
+PRECISION_VARIANTS = {"tf32x3": {"precision": "tf32x3"}, "bf16": {"precision": "bf16"}}
+TRAIN_VARIANTS = {**PRECISION_VARIANTS, "recompute": {"recompute": True}}
 
 
 def _build_siren_inference(device, quick):
@@ -56,7 +61,8 @@ def _build_siren_inference(device, quick):
             return model(x)
 
     work = Work(mlp_flops(widths, n), n * (2 + 3) * 4, n)
-    return work, {k: Rotating(f, coords) for k, f in _implementations(step, siren).items()}
+    impls = _implementations(step, siren, PRECISION_VARIANTS)
+    return work, {k: Rotating(f, coords) for k, f in impls.items()}
 
 
 def _build_siren_train_step(device, quick):
@@ -70,10 +76,12 @@ def _build_siren_train_step(device, quick):
 
     # forward + the two backward products per layer; bytes: coordinates and targets once
     work = Work(3 * mlp_flops(widths, n), n * (2 + 3) * 4, n)
-    return work, {k: Rotating(f, coords) for k, f in _implementations(step, siren).items()}
+    impls = _implementations(step, siren, TRAIN_VARIANTS)
+    return work, {k: Rotating(f, coords) for k, f in impls.items()}
 
 
 register(Case("siren_inference", "Siren 2->256x3->3 forward, 2^22 coords (quick 2^14)",
               _build_siren_inference, gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]")))
 register(Case("siren_train_step", "Siren 2->256x3->3 forward+backward (MSE), 2^22 coords (quick 2^14)",
-              _build_siren_train_step, gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]")))
+              _build_siren_train_step,
+              gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]", "nfd_fast[recompute]")))

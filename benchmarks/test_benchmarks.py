@@ -13,7 +13,8 @@ QUICK = DEVICE != "cuda" or os.environ.get("NFD_FAST_BENCH_FULL") != "1"
 
 PARAMS = []
 for _case in CASES.values():
-    for _impl in ("eager", "compiled", "nfd_fast", "nfd_fast[tf32x3]", "nfd_fast[bf16]"):
+    _impls = ("eager", "compiled", "nfd_fast") + _case.gpu_only_impls
+    for _impl in _impls:
         marks = ()
         if DEVICE != "cuda" and _impl in _case.gpu_only_impls:
             marks = pytest.mark.skip(reason="Triton variant needs a GPU")

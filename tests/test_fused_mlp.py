@@ -164,6 +164,13 @@ def test_float32_precisions(precision):
     check_against_reference(p, tolerance(torch.float32, precision))
 
 
+@pytest.mark.parametrize("final_activation", ["identity", "sine"])
+def test_recompute_gives_the_same_gradients(final_activation):
+    p = make_problem((2, 48, 48, 48, 3), n=37, batch=2, mods=("shift",), recompute=True,
+                     final_activation=final_activation)
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
 def test_siren_w30_float32_meets_default_contract():
     """The published SIREN setting (w0 = 30, SIREN init) at the 1e-4 contract."""
     siren = nfd_fast.nn.Siren(2, 64, 2, 3).to(DEVICE)

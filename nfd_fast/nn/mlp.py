@@ -18,7 +18,7 @@ class FusedMLP(nn.Module):
         activation: one name or one per hidden layer ("sine", "relu", "leaky_relu",
             "gelu", "silu", "identity"). Sine layers get SIREN's initialisation.
         w0 / first_w0: sine frequencies. final_activation: the output layer's.
-        leaky_slope / leaky_gain, precision, fast_sine: as in fused_mlp.
+        leaky_slope / leaky_gain, precision, fast_sine, recompute: as in fused_mlp.
     """
 
     def __init__(self, in_features: int, hidden_features: Union[int, Sequence[int]],
@@ -26,7 +26,8 @@ class FusedMLP(nn.Module):
                  activation: Union[str, Sequence[str]] = "relu", w0: float = 30.0,
                  first_w0: Optional[float] = None, final_activation: str = "identity",
                  bias: bool = True, leaky_slope: float = 0.01, leaky_gain: float = 1.0,
-                 precision: Optional[str] = None, fast_sine: bool = False):
+                 precision: Optional[str] = None, fast_sine: bool = False,
+                 recompute: bool = False):
         super().__init__()
         widths = ([hidden_features] * (hidden_layers + 1) if isinstance(hidden_features, int)
                   else list(hidden_features))
@@ -40,7 +41,7 @@ class FusedMLP(nn.Module):
         self.w0 = [float(first_w0 if (i == 0 and first_w0 is not None) else w0)
                    for i in range(len(widths))]
         self.leaky_slope, self.leaky_gain = leaky_slope, leaky_gain
-        self.precision, self.fast_sine = precision, fast_sine
+        self.precision, self.fast_sine, self.recompute = precision, fast_sine, recompute
         dims = [in_features] + widths + [out_features]
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:]))
         for l, lin in enumerate(self.layers):
@@ -53,4 +54,5 @@ class FusedMLP(nn.Module):
                          activation=self.activation, w0=self.w0,
                          final_activation=self.final_activation, leaky_slope=self.leaky_slope,
                          leaky_gain=self.leaky_gain, scale=scale, shift=shift, mult=mult,
-                         precision=self.precision, fast_sine=self.fast_sine)
+                         precision=self.precision, fast_sine=self.fast_sine,
+                         recompute=self.recompute)

@@ -48,19 +48,21 @@ class Siren(nn.Module):
     evaluated by one fused_mlp call.
 
     Args:
-        precision / fast_sine: passed to fused_mlp (kernel matmul precision, fast sine).
+        precision / fast_sine / recompute: passed to fused_mlp (kernel matmul precision,
+            fast sine, recompute pre-activations in backward instead of storing them).
     """
 
     def __init__(self, in_features: int, hidden_features: int, hidden_layers: int,
                  out_features: int, outermost_linear: bool = True,
                  first_omega_0: float = 30.0, hidden_omega_0: float = 30.0,
-                 precision: Optional[str] = None, fast_sine: bool = False):
+                 precision: Optional[str] = None, fast_sine: bool = False,
+                 recompute: bool = False):
         super().__init__()
         if hidden_layers < 0:
             raise ValueError(f"hidden_layers must be >= 0, got {hidden_layers}")
         self.first_omega_0, self.hidden_omega_0 = float(first_omega_0), float(hidden_omega_0)
         self.outermost_linear = outermost_linear
-        self.precision, self.fast_sine = precision, fast_sine
+        self.precision, self.fast_sine, self.recompute = precision, fast_sine, recompute
         layers = [SineLayer(in_features, hidden_features, is_first=True, omega_0=first_omega_0)]
         layers += [SineLayer(hidden_features, hidden_features, omega_0=hidden_omega_0)
                    for _ in range(hidden_layers)]
@@ -83,7 +85,8 @@ class Siren(nn.Module):
                          activation="sine", w0=self.w0s(),
                          final_activation="identity" if self.outermost_linear else "sine",
                          final_w0=self.hidden_omega_0, scale=scale, shift=shift, mult=mult,
-                         precision=self.precision, fast_sine=self.fast_sine)
+                         precision=self.precision, fast_sine=self.fast_sine,
+                         recompute=self.recompute)
 
 
 class ModulatedSiren(nn.Module):

@@ -16,10 +16,12 @@ Shapes: x [N, in] or [B, N, in]; W_l [out, in] (nn.Linear layout, shared) or
 design range; any width works, padded to a power of two), out 1..64.
 
 What is fused (backend "triton"): the forward evaluates all layers for a tile of rows
-with the hidden state kept on chip (see kernels/fused_mlp.py). For training it also saves
-the hidden pre-activations z_l in float32: 4 * (L-1) * M * HID_PAD bytes (M = B*N rows,
-HID_PAD the hidden width rounded up to a power of two), plus 4 * M * out when the final
-layer has an activation. Backward runs one kernel per layer, dh = dz @ W with the
+with the hidden state kept on chip (see kernels/fused_mlp.py). For training it saves the
+hidden pre-activations z_l in float32: 4 * (L-1) * M * HID_PAD bytes held from forward to
+backward (M = B*N rows, HID_PAD the hidden width rounded up to a power of two), plus
+4 * M * out when the final layer has an activation. With recompute=True nothing but x is
+held between forward and backward; backward re-runs the fused forward (one more forward's
+time) and then needs the same buffers, transiently. Backward runs one kernel per layer, dh = dz @ W with the
 activation derivative, the modulation gradients and the recomputation of h_{l-1} fused in
 its epilogue; dW = dz^T h_{l-1} is a cuBLAS matmul. Transient backward memory: three
 [M, HID_PAD] float32 buffers.
@@ -75,6 +77,7 @@ class MLPInputs:
     squeeze_batch: bool
     precision: str
     fast_sine: bool
+    recompute: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -128,7 +131,7 @@ def _check_tensor(t: torch.Tensor, name: str, shapes: list, x: torch.Tensor) -> 
 def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first_w0=None,
                    final_activation="identity", final_w0=None, leaky_slope=0.01,
                    leaky_gain=1.0, scale=None, shift=None, mult=None, precision=None,
-                   fast_sine=False) -> MLPInputs:
+                   fast_sine=False, recompute=False) -> MLPInputs:
     """Check every argument of fused_mlp and bring it to batched form, before any launch."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
@@ -184,7 +187,7 @@ def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return MLPInputs(xb, weights, biases, mods["scale"], mods["shift"], mods["mult"], acts,
-                     batch, squeeze, precision, bool(fast_sine))
+                     batch, squeeze, precision, bool(fast_sine), bool(recompute))
 
 
 def _per_layer_tensors(value, count: int, name: str) -> list:
@@ -253,7 +256,8 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
               final_w0: Optional[float] = None, leaky_slope: float = 0.01,
               leaky_gain: float = 1.0, scale: Optional[TensorList] = None,
               shift: Optional[TensorList] = None, mult: Optional[TensorList] = None,
-              precision: Optional[str] = None, fast_sine: bool = False) -> torch.Tensor:
+              precision: Optional[str] = None, fast_sine: bool = False,
+              recompute: bool = False) -> torch.Tensor:
     """Evaluate an MLP per coordinate; see the module docstring for the math and shapes.
 
     Args:
@@ -268,13 +272,16 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
         scale / shift / mult: None, or L-1 entries, each None, [width] or [B, width].
         precision: matmul operand precision, see the module docstring.
         fast_sine: polynomial sine instead of libdevice's (kernel only).
+        recompute: keep nothing but x between forward and backward; backward re-runs
+            the fused forward to get the pre-activations (kernel only; see "Memory").
 
     Returns: [N, out] or [B, N, out] in x's dtype.
     """
     p = prepare_inputs(x, weights, biases, activation=activation, w0=w0, first_w0=first_w0,
                        final_activation=final_activation, final_w0=final_w0,
                        leaky_slope=leaky_slope, leaky_gain=leaky_gain, scale=scale,
-                       shift=shift, mult=mult, precision=precision, fast_sine=fast_sine)
+                       shift=shift, mult=mult, precision=precision, fast_sine=fast_sine,
+                       recompute=recompute)
     tensors = [p.x, *p.weights, *[t for t in p.biases + p.scale + p.shift + p.mult if t is not None]]
     kernel_ok = all(t.dtype in _KERNEL_DTYPES for t in tensors)
     if backend.resolve("fused_mlp", *tensors, triton_dtypes_ok=kernel_ok) == "torch":
@@ -473,7 +480,7 @@ class _FusedMLPFunction(torch.autograd.Function):
         g = _Geometry.of(p.widths(), p.precision)
         packed = _pack_params(p, g)
         save = any(ctx.needs_input_grad[1:])
-        y, z, zf = _launch_forward(p, g, packed, save_z=save)
+        y, z, zf = _launch_forward(p, g, packed, save_z=save and not p.recompute)
         if save:
             # x goes through save_for_backward (version-checked); p keeps the shapes and
             # options, packed the private copies of the parameters the kernels read
@@ -485,6 +492,8 @@ class _FusedMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         p, g, packed = ctx.p, ctx.g, ctx.packed
         z, zf, x = ctx.saved_tensors
+        if p.recompute:
+            _, z, zf = _launch_forward(dataclasses.replace(p, x=x), g, packed, save_z=True)
         B, N, IN = x.shape
         M, L, widths = B * N, p.num_layers, p.widths()
         dz = grad_y.reshape(M, widths[-1]).float().contiguous()
