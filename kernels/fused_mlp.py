@@ -184,6 +184,7 @@ def fused_mlp_fwd_kernel(
     row_ok = rows < N
     # int64: M * width passes 2^31 for a gigapixel image
     grow = b * N + rows.to(tl.int64)
+    m64 = b * 0 + M  # M as int64, so layer * M cannot wrap either
     w_base = w_ptr + b * stride_wb
     b_base = b_ptr + b * stride_bb
 
@@ -212,7 +213,7 @@ def fused_mlp_fwd_kernel(
             if HAS_BIAS:
                 zc += tl.load(b_base + 2 * p * D + cj)[None, :]
             if SAVE_Z:
-                tl.store(z_ptr + (2 * p * M + grow[:, None]) * HID_PAD + cj[None, :], zc,
+                tl.store(z_ptr + (2 * p * m64 + grow[:, None]) * HID_PAD + cj[None, :], zc,
                          mask=row_ok[:, None])
             hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                            stride_sb, stride_tb, stride_mb, HID_PAD,
@@ -227,7 +228,7 @@ def fused_mlp_fwd_kernel(
                           FINAL_ACT, SAVE_Z, FAST_SINE)
         else:
             if SAVE_Z:
-                tl.store(z_ptr + ((2 * p + 1) * M + grow[:, None]) * HID_PAD + cfull[None, :],
+                tl.store(z_ptr + ((2 * p + 1) * m64 + grow[:, None]) * HID_PAD + cfull[None, :],
                          acc, mask=row_ok[:, None])
             h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                           stride_sb, stride_tb, stride_mb, HID_PAD,
@@ -298,7 +299,8 @@ def fused_mlp_bwd_layer_kernel(
 
     if HIDDEN:
         offs = grow[:, None] * HID_PAD + cols[None, :]
-        z = tl.load(z_ptr + layer * M * HID_PAD + offs, mask=row_ok[:, None], other=0.0)
+        m64 = b * 0 + M  # int64: layer * M * HID_PAD passes 2^31 at 2^23 points
+        z = tl.load(z_ptr + layer * m64 * HID_PAD + offs, mask=row_ok[:, None], other=0.0)
         mod = layer * HID_PAD + cols
         u = z
         s = tl.full((BLOCK_N,), 1.0, tl.float32)

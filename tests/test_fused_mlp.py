@@ -199,6 +199,23 @@ def test_fast_sine_error():
 # --------------------------------------------------------------------- edge behaviour
 
 
+@pytest.mark.skipif(not ON_GPU, reason="needs 2^23 points x 256 wide (26 GB of saved "
+                    "pre-activations): a GPU-size problem, run by benchmarks/gpu_check.sh")
+def test_offsets_past_2_31_on_gpu():
+    """layer * M * HID_PAD passes 2^31 here (2 * 2^23 * 256 = 2^32): int64 offsets."""
+    p = make_problem((2, 256, 256, 256, 1), n=2**23 + 3, w0=1.0)
+    with nfd_fast.use_backend("triton"):
+        y = p.call()
+    with nfd_fast.use_backend("torch"):
+        y_ref = p.call()
+    assert rel_err(y, y_ref) < 1e-4
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, p.weights, g)
+    want = torch.autograd.grad(y_ref, p.weights, g)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
+
+
 def test_empty_batch_returns_empty():
     p = make_problem((2, 32, 3), n=0, batch=2)
     with nfd_fast.use_backend("triton"):
