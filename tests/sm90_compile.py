@@ -115,6 +115,8 @@ CONFIGS = [
     ((3, 100, 100, 100, 5), torch.float32, {"activation": "gelu", "final_activation": "sine"}),
     ((64, 512, 512, 64), torch.float32, {"activation": "silu"}),
     ((2, 16, 1), torch.float16, {"activation": "leaky_relu"}),
+    ((2,) + (16,) * 19 + (1,), torch.float32,
+     {"activation": ["sine", "relu", "gelu", "silu", "identity", "leaky_relu"] * 3 + ["sine"]}),
 ]
 
 

@@ -128,6 +128,13 @@ def test_width_extremes_and_unequal_hidden_widths(widths):
     check_against_reference(p, tolerance(torch.float32, "ieee"))
 
 
+def test_deep_network_with_mixed_activations():
+    # 19 hidden layers: the per-layer activation bit-field passes 64 bits
+    acts = ["sine", "relu", "gelu", "silu", "identity", "leaky_relu"] * 3 + ["sine"]
+    p = make_problem((2,) + (16,) * 19 + (1,), n=21, activation=acts, w0=1.5)
+    check_against_reference(p, tolerance(torch.float32, "ieee"))
+
+
 def test_per_layer_activations_and_w0():
     p = make_problem((2, 32, 32, 32, 4), n=50, activation=["sine", "gelu", "sine"],
                      w0=[30.0, 1.0, 2.0])
