@@ -22,7 +22,8 @@ setup(
     install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "ninja"],
+        # matplotlib draws the benchmark bar chart (`nfd-fast bench --png`)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "ninja", "matplotlib"],
     },
     entry_points={"console_scripts": ["nfd-fast=nfd_fast.cli:main"]},
 )

@@ -6,7 +6,7 @@ import torch
 import nfd_fast
 from nfd_fast.nn import Siren
 
-from .runner import Case, Rotating, Work, register
+from .runner import Case, Rotating, Target, Work, register
 
 ROTATIONS = 3  # input sets per case; 3 x 2^22 x 2 float32 coordinates = 100 MB > L2
 
@@ -80,8 +80,15 @@ def _build_siren_train_step(device, quick):
     return work, {k: Rotating(f, coords) for k, f in impls.items()}
 
 
-register(Case("siren_inference", "Siren 2->256x3->3 forward, 2^22 coords (quick 2^14)",
-              _build_siren_inference, gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]")))
-register(Case("siren_train_step", "Siren 2->256x3->3 forward+backward (MSE), 2^22 coords (quick 2^14)",
-              _build_siren_train_step,
-              gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]", "nfd_fast[recompute]")))
+ISSUE_2 = "issue 2 (H100)"
+register(Case(
+    "siren_inference", "Siren 2->256x3->3 forward, 2^22 coords (quick 2^14)",
+    _build_siren_inference, gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]"),
+    targets=(Target("nfd_fast*", "speedup", 10.0, "eager", ISSUE_2),
+             Target("nfd_fast*", "speedup", 2.0, "compiled", ISSUE_2),
+             Target("nfd_fast[bf16]", "roofline", 0.5, source=ISSUE_2 + ", bf16 matmul rate"))))
+register(Case(
+    "siren_train_step", "Siren 2->256x3->3 forward+backward (MSE), 2^22 coords (quick 2^14)",
+    _build_siren_train_step,
+    gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]", "nfd_fast[recompute]"),
+    targets=(Target("nfd_fast*", "speedup", 3.0, "eager", ISSUE_2),)))

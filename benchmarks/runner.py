@@ -37,6 +37,27 @@ class Work:
     coords: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal an issue sets for a case, judged on a GPU at the canonical size.
+
+    kind "speedup": time(baseline) / time(impl) >= threshold;
+    kind "roofline": fraction of the measured roofline >= threshold.
+    impl "nfd_fast*" means the fastest of the nfd_fast variants (named in the verdict).
+    """
+
+    impl: str
+    kind: str
+    threshold: float
+    baseline: Optional[str] = None
+    source: str = ""
+
+    def label(self) -> str:
+        if self.kind == "speedup":
+            return f"{self.impl} >= {self.threshold:g}x {self.baseline}"
+        return f"{self.impl} >= {self.threshold:.0%} of roofline"
+
+
 @dataclasses.dataclass
 class Case:
     """A benchmark case: `build(device, quick)` -> (Work, {impl name: callable})."""
@@ -45,6 +66,7 @@ class Case:
     description: str
     build: Callable
     gpu_only_impls: tuple = ()
+    targets: tuple = ()
 
 
 @dataclasses.dataclass
@@ -115,10 +137,18 @@ def measure_ceilings(device: str) -> dict:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    a32, b32 = a.float(), b.float()
+    tf32_was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32_ms = triton.testing.do_bench(lambda: a32 @ b32, warmup=25, rep=200, return_mode="median")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_was
     src = torch.randn(2**28, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
     cp_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     return {"bf16_matmul_tflops": 2 * n**3 / mm_ms / 1e9,
+            "tf32_matmul_tflops": 2 * n**3 / tf32_ms / 1e9,
             "copy_gbps": 2 * src.numel() * 4 / cp_ms / 1e6}
 
 
@@ -158,7 +188,36 @@ def run_case(case: Case, device: str, quick: bool, ceilings: dict, impls=None) -
         del fn
     times = {n: r["median_ms"] for n, r in row["impls"].items()}
     row["speedup_vs"] = speedups(times)
+    row["targets"] = [judge_target(t, row, device == "cuda" and not quick) for t in case.targets]
     return row
+
+
+def _candidates(impl: str, row: dict) -> list:
+    if impl.endswith("*"):
+        return [n for n in row["impls"] if n.startswith(impl[:-1])]
+    return [impl] if impl in row["impls"] else []
+
+
+def judge_target(target: Target, row: dict, canonical_gpu_run: bool) -> dict:
+    """{'target', 'source', 'value', 'impl', 'met'}; met is None when not judged here."""
+    verdict = {"target": target.label(), "source": target.source, "value": None,
+               "impl": None, "met": None}
+    if not canonical_gpu_run:
+        verdict["why"] = "judged only on a GPU at the canonical size"
+        return verdict
+    impls = row["impls"]
+    names = _candidates(target.impl, row)
+    if not names or (target.kind == "speedup" and target.baseline not in impls):
+        verdict["why"] = "not measured in this run"
+        return verdict
+    if target.kind == "speedup":
+        best = min(names, key=lambda n: impls[n]["median_ms"])
+        value = impls[target.baseline]["median_ms"] / impls[best]["median_ms"]
+    else:
+        best = max(names, key=lambda n: impls[n]["roofline_fraction"] or 0.0)
+        value = impls[best]["roofline_fraction"]
+    verdict.update(value=value, impl=best, met=value is not None and value >= target.threshold)
+    return verdict
 
 
 def environment(device: str, command: str) -> dict:
@@ -199,33 +258,6 @@ def run(only=None, quick: bool = False, device: Optional[str] = None, impls=None
         rows.append(run_case(CASES[name], device, quick, ceilings, impls))
     return {"environment": environment(device, command), "quick": quick, "ceilings": ceilings,
             "rows": rows}
-
-
-def format_table(report: dict) -> str:
-    """A plain-text (and valid markdown) table of the report."""
-    lines = ["| case | impl | median ms | 20-80% ms | Mcoords/s | TFLOP/s | roofline | peak MB | vs eager | vs compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in report["rows"]:
-        for name, r in row["impls"].items():
-            sp = speedups({n: x["median_ms"] for n, x in row["impls"].items()}, name)
-            roof = r["roofline_fraction"]
-            lines.append(
-                f"| {row['case']} | {name} | {r['median_ms']:.3f} | {r['q20_ms']:.3f}-{r['q80_ms']:.3f} "
-                f"| {r['coords_per_s'] / 1e6:.2f} | {r['tflops']:.3f} | "
-                f"{'-' if roof is None else f'{roof:.0%}'} | "
-                f"{_mb(r['peak_mem_mb'])} | "
-                f"{_ratio(sp.get('eager'))} | {_ratio(sp.get('compiled'))} |")
-        for name, why in row["skipped"].items():
-            lines.append(f"| {row['case']} | {name} | skipped: {why} | | | | | | | |")
-    return "\n".join(lines)
-
-
-def _mb(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.0f}"
-
-
-def _ratio(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.2f}x"
 
 
 def write_json(report: dict, path: str) -> None:

@@ -7,6 +7,7 @@ import sys
 
 
 def _bench(args) -> int:
+    from .benchmarks import report as reports
     from .benchmarks import runner
 
     command = "nfd-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -21,10 +22,19 @@ def _bench(args) -> int:
               f"copy {c['copy_gbps']:.0f} GB/s")
     else:
         print("# no GPU: nfd_fast runs its CPU path (the reference); Triton variants need a GPU")
-    print(runner.format_table(report))
+    print(reports.format_table(report))
+    print()
+    print(reports.format_targets(report))
     if args.json:
         runner.write_json(report, args.json)
         print(f"# wrote {args.json}")
+    if args.md:
+        with open(args.md, "w", encoding="utf-8") as f:
+            f.write(reports.format_markdown(report) + "\n")
+        print(f"# wrote {args.md}")
+    if args.png:
+        reports.plot_speedups(report, args.png)
+        print(f"# wrote {args.png}")
     return 0
 
 
@@ -39,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only these implementations (eager, compiled, nfd_fast, ...)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    bench.add_argument("--md", metavar="PATH", help="also write the markdown table")
+    bench.add_argument("--png", metavar="PATH", help="also write a bar chart of speed-ups (matplotlib)")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from nfd_fast.benchmarks import runner
+from nfd_fast.benchmarks import report, runner
 from nfd_fast.benchmarks.cases import mlp_flops
 
 
@@ -24,16 +24,74 @@ def test_speedups_and_roofline_fraction():
 
 
 def test_cpu_run_end_to_end(tmp_path):
-    report = runner.run(only=["siren_inference"], device="cpu", impls=["eager", "nfd_fast"],
-                        command="test", progress=False)
-    row = report["rows"][0]
-    assert report["quick"] and set(row["impls"]) == {"eager", "nfd_fast"}
+    rep = runner.run(only=["siren_inference"], device="cpu", impls=["eager", "nfd_fast"],
+                     command="test", progress=False)
+    row = rep["rows"][0]
+    assert rep["quick"] and set(row["impls"]) == {"eager", "nfd_fast"}
     eager, fused = row["impls"]["eager"], row["impls"]["nfd_fast"]
     assert row["speedup_vs"]["eager"] == pytest.approx(eager["median_ms"] / fused["median_ms"])
     assert fused["coords_per_s"] == pytest.approx(2**14 / (fused["median_ms"] / 1e3))
-    table = runner.format_table(report)
+    table = report.format_table(rep)
     assert "siren_inference | nfd_fast |" in table
-    runner.write_json(report, tmp_path / "r.json")
+    # targets are GPU targets: a CPU run records them unjudged, saying why
+    assert row["targets"] and all(t["met"] is None for t in row["targets"])
+    assert "not judged: judged only on a GPU" in report.format_targets(rep)
+    runner.write_json(rep, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["environment"]["command"] == "test"
     with pytest.raises(ValueError, match="unknown benchmark case"):
         runner.run(only=["nope"], device="cpu", progress=False)
+
+
+def _synthetic_report():
+    """A GPU-like report with known numbers."""
+    def impl(ms, roof=None):
+        return {"median_ms": ms, "q20_ms": ms * 0.9, "q80_ms": ms * 1.1, "peak_mem_mb": 100.0,
+                "compile_s": 1.0, "coords_per_s": 1e6 / ms, "tflops": 1.0 / ms,
+                "roofline_fraction": roof}
+    row = {"case": "siren_inference", "description": "", "work": {},
+           "impls": {"eager": impl(20.0), "compiled": impl(8.0), "nfd_fast": impl(4.0, 0.2),
+                     "nfd_fast[bf16]": impl(1.0, 0.6)}, "skipped": {}}
+    return {"environment": {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6",
+                            "python": "3.12", "date": "2026-11-22T00:00:00+00:00",
+                            "command": "nfd-fast bench"},
+            "quick": False, "ceilings": {"bf16_matmul_tflops": 700.0, "copy_gbps": 3000.0},
+            "rows": [row]}
+
+
+def test_targets_are_judged_on_the_fastest_variant():
+    rep = _synthetic_report()
+    row = rep["rows"][0]
+    t = runner.Target
+    verdicts = [runner.judge_target(x, row, True) for x in (
+        t("nfd_fast*", "speedup", 10.0, "eager"), t("nfd_fast*", "speedup", 10.0, "compiled"),
+        t("nfd_fast[bf16]", "roofline", 0.5), t("nfd_fast", "roofline", 0.5),
+        t("nfd_fast", "speedup", 2.0, "absent"))]
+    assert [v["met"] for v in verdicts[:4]] == [True, False, True, False]
+    assert verdicts[0]["impl"] == "nfd_fast[bf16]" and verdicts[0]["value"] == pytest.approx(20.0)
+    assert verdicts[1]["value"] == pytest.approx(8.0)
+    assert verdicts[4]["met"] is None and verdicts[4]["why"] == "not measured in this run"
+    row["targets"] = verdicts[:2]
+    md = report.format_markdown(rep)
+    assert "| siren_inference | nfd_fast* >= 10x eager |  | 20.00x (nfd_fast[bf16]) | met |" in md
+    assert "MISSED" in md and "bf16 matmul 700 TFLOP/s" in md
+    assert "| siren_inference | nfd_fast[bf16] | 1.000 | 0.900-1.100 | 1.00 |" in md
+
+
+def test_png_and_readme_from_results(tmp_path):
+    rep = _synthetic_report()
+    report.plot_speedups(rep, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.README_BEGIN}\nold\n{report.README_END}\ntail\n")
+    report.update_readme(str(readme), str(results))
+    assert "No GPU results are committed yet" in readme.read_text()
+    runner.write_json(rep, results / "h100-2026-11-22.json")
+    older = dict(rep, environment=dict(rep["environment"], date="2025-01-01T00:00:00+00:00",
+                                       device="OLD GPU"))
+    runner.write_json(older, results / "old.json")
+    report.update_readme(str(readme), str(results))
+    text = readme.read_text()
+    assert "From `results/h100-2026-11-22.json`" in text and "OLD GPU" not in text
+    assert text.endswith(f"{report.README_END}\ntail\n") and "old\n" not in text
