@@ -1,6 +1,6 @@
 """nfd_fast: fused Triton kernels for neural fields and diffusion models."""
-from . import nn, ops
+from . import diffusion, nn, ops
 from .backend import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "get_backend", "set_backend", "use_backend", "__version__"]
+__all__ = ["diffusion", "nn", "ops", "get_backend", "set_backend", "use_backend", "__version__"]

@@ -393,6 +393,8 @@ def _dot_config(precision: str):
 
 
 def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
+    import triton
+
     from ..kernels import fused_mlp as K
 
     w, bias, mods, act = packed
@@ -408,7 +410,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
     for l, a in enumerate(p.acts[:-1]):
         acts |= _act_code(a.kind) << (K.ACT_BITS * l)
     dot_kind, prec = _dot_config(p.precision)
-    grid = (_cdiv(N, g.block_m), B)
+    grid = (triton.cdiv(N, g.block_m), B)
     K.fused_mlp_fwd_kernel[grid](
         x, w, bias if bias is not None else dummy,
         mods.get("scale", dummy), mods.get("shift", dummy), mods.get("mult", dummy), act,
@@ -426,10 +428,6 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
     return y, z, zf
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
     """Back through linear layer `layer` + 1. layer >= 0: returns (dz_layer, h_layer,
     column sums [4, B, HID_PAD] of dz, du, du*z, g*act); layer = -1: returns dx."""
@@ -442,13 +440,13 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
     cols = g.hid_pad if hidden else IN
     block_n = min(64, g.hid_pad if hidden else g.in_pad)
     block_k = min(32, _pad(dz.shape[1]))
-    tiles = _cdiv(N, 64)
+    tiles = triton.cdiv(N, 64)
     dev = p.x.device
     dst = torch.empty(M, cols, device=dev, dtype=torch.float32)
     h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else dst
     part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else dst
     dot_kind, prec = _dot_config(p.precision)
-    grid = (tiles, _cdiv(cols, block_n), B)
+    grid = (tiles, triton.cdiv(cols, block_n), B)
     K.fused_mlp_bwd_layer_kernel[grid](
         dz, w, z if z is not None else act,
         mods.get("scale", act), mods.get("shift", act), mods.get("mult", act), act,

@@ -1,0 +1,133 @@
+"""Triton kernels of the fused diffusion steps: one elementwise kernel family, one pass over
+memory per step, per-sample timesteps read on the device (no host sync, graph-capturable).
+
+Notation (../shared/reference/diffusion.md): a_t = alphas_cumprod[t], b_t = 1 - a_t,
+a_p = alphas_cumprod[prev] (prev < 0: the final value), b_p = 1 - a_p.
+
+Modes (constexpr MODE):
+    Q_SAMPLE      out = sqrt(a_t) x0 + sqrt(b_t) eps; out2 = sqrt(a_t) eps - sqrt(b_t) x0 (v)
+    DDPM          out = mean + sqrt(var) z (z only where t > 0); out2 = x0
+    DDIM          out = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps + sigma z; out2 = x0
+    LANGEVIN      out = x + step_b g + sqrt(2 step_b) z; out2 = x + step_b g  (x_mean)
+    VP_PREDICTOR  out = x_mean + sqrt(beta_t) z, x_mean = (2 - sqrt(1 - beta_t)) x + beta_t s
+    NOISE_SUMSQ   sumsq[b] += sum of z^2 over the block (the Langevin noise norm)
+
+Layout: every tensor is [B, S] contiguous (S = elements per sample); program (i, b) owns
+elements i*BLOCK .. of sample b, so per-sample coefficients are scalars of the program.
+In-kernel noise is Philox (tl.randn) keyed by a seed read from memory (so a captured CUDA
+graph draws fresh noise when the seed buffer is refilled) and the element's global index.
+"""
+import triton
+import triton.language as tl
+
+Q_SAMPLE, DDPM, DDIM, LANGEVIN, VP_PREDICTOR, NOISE_SUMSQ = 0, 1, 2, 3, 4, 5
+EPSILON, SAMPLE, V_PREDICTION = 0, 1, 2
+NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
+
+
+@triton.jit
+def _noise(noise_ptr, seed_ptr, offs, mask, NOISE: tl.constexpr):
+    if NOISE == 1:
+        z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    elif NOISE == 2:
+        # Philox counters are 32-bit: elements 2^32 apart share a stream (beyond any batch
+        # a step sees: 2^32 float32 elements are 16 GiB).
+        z = tl.randn(tl.load(seed_ptr), offs.to(tl.uint32))
+    else:
+        z = tl.zeros(offs.shape, tl.float32)
+    return z
+
+
+@triton.jit
+def _x0_and_eps(out, x, a_t, PRED: tl.constexpr):
+    """(x0, eps_hat) from the model output under the prediction type."""
+    sa = tl.sqrt(a_t)
+    sb = tl.sqrt(1.0 - a_t)
+    if PRED == 0:
+        x0 = (x - sb * out) / sa
+        eps = out
+    elif PRED == 1:
+        x0 = out
+        eps = (x - sa * out) / sb
+    else:
+        x0 = sa * x - sb * out
+        eps = sa * out + sb * x
+    return x0, eps
+
+
+@triton.jit
+def diffusion_step_kernel(
+    out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, noise_ptr, seed_ptr,
+    t_ptr, prev_ptr, ac_ptr, betas_ptr, thresh_ptr, step_ptr, sumsq_ptr,
+    S, guidance, eta, clip_lo, clip_hi,
+    MODE: tl.constexpr, PRED: tl.constexpr, NOISE: tl.constexpr, CFG: tl.constexpr,
+    CLIP: tl.constexpr, THRESHOLD: tl.constexpr, FIXED_LARGE: tl.constexpr,
+    ALPHA_ONE: tl.constexpr, CLIPPED_EPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < S
+    offs = b * S + cols  # int64: a DDMI latent batch passes 2^31 elements
+    z = _noise(noise_ptr, seed_ptr, offs, mask, NOISE)
+
+    if MODE == 5:  # NOISE_SUMSQ
+        tl.atomic_add(sumsq_ptr + b, tl.sum(tl.where(mask, z * z, 0.0), 0))
+        return
+
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(model_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CFG:  # guided output; never written to memory
+        u = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = u + guidance * (m - u)
+
+    t = tl.load(t_ptr + b)
+    if MODE == 0:  # Q_SAMPLE: x is x0, m is the noise
+        a_t = tl.load(ac_ptr + t)
+        sa = tl.sqrt(a_t)
+        sb = tl.sqrt(1.0 - a_t)
+        tl.store(out_ptr + offs, (sa * x + sb * m).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out2_ptr + offs, (sa * m - sb * x).to(out2_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 3:  # LANGEVIN: m is the score, step from the per-sample step buffer
+        step = tl.load(step_ptr + b)
+        x_mean = x + step * m
+        tl.store(out_ptr + offs, (x_mean + tl.sqrt(2.0 * step) * z).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out2_ptr + offs, x_mean.to(out2_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 4:  # VP_PREDICTOR (reverse diffusion): m is the score
+        beta = tl.load(betas_ptr + t)
+        x_mean = (2.0 - tl.sqrt(1.0 - beta)) * x + beta * m
+        tl.store(out_ptr + offs, (x_mean + tl.sqrt(beta) * z).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out2_ptr + offs, x_mean.to(out2_ptr.dtype.element_ty), mask=mask)
+    else:  # DDPM / DDIM
+        a_t = tl.load(ac_ptr + t)
+        prev = tl.load(prev_ptr + b)
+        if ALPHA_ONE:
+            final = 1.0
+        else:
+            final = tl.load(ac_ptr)
+        a_p = tl.where(prev >= 0, tl.load(ac_ptr + tl.maximum(prev, 0)), final)
+        b_t = 1.0 - a_t
+        b_p = 1.0 - a_p
+        x0, eps = _x0_and_eps(m, x, a_t, PRED)
+        if THRESHOLD:
+            s = tl.load(thresh_ptr + b)
+            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        if CLIP:
+            x0 = tl.minimum(tl.maximum(x0, clip_lo), clip_hi)
+        if MODE == 1:  # DDPM
+            alpha = a_t / a_p
+            beta = 1.0 - alpha
+            mean = (tl.sqrt(a_p) * beta / b_t) * x0 + (tl.sqrt(alpha) * b_p / b_t) * x
+            if FIXED_LARGE:
+                var = beta
+            else:
+                var = tl.maximum(b_p / b_t * beta, 1e-20)
+            x_prev = mean + tl.where(t > 0, tl.sqrt(var), 0.0) * z
+        else:  # DDIM
+            if CLIPPED_EPS:
+                eps = (x - tl.sqrt(a_t) * x0) / tl.sqrt(b_t)
+            sigma = eta * tl.sqrt((b_p / b_t) * (1.0 - a_t / a_p))
+            x_prev = tl.sqrt(a_p) * x0 + tl.sqrt(tl.maximum(1.0 - a_p - sigma * sigma, 0.0)) * eps
+            x_prev += sigma * z
+        tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out2_ptr + offs, x0.to(out2_ptr.dtype.element_ty), mask=mask)
