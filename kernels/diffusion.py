@@ -73,8 +73,19 @@ def diffusion_step_kernel(
 
     if MODE == 5:  # NOISE_SUMSQ
         tl.atomic_add(sumsq_ptr + b, tl.sum(tl.where(mask, z * z, 0.0), 0))
-        return
+    else:
+        _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_ptr,
+              betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, guidance, eta, clip_lo,
+              clip_hi, MODE, PRED, CFG, CLIP, THRESHOLD, FIXED_LARGE, ALPHA_ONE, CLIPPED_EPS)
 
+
+@triton.jit
+def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_ptr,
+          betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, guidance, eta, clip_lo, clip_hi,
+          MODE: tl.constexpr, PRED: tl.constexpr, CFG: tl.constexpr, CLIP: tl.constexpr,
+          THRESHOLD: tl.constexpr, FIXED_LARGE: tl.constexpr, ALPHA_ONE: tl.constexpr,
+          CLIPPED_EPS: tl.constexpr):
+    """The elementwise update of every mode but NOISE_SUMSQ, for one block of elements."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(model_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:  # guided output; never written to memory

@@ -24,13 +24,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from nfd_fast.kernels import diffusion as KD
 from nfd_fast.kernels import fused_mlp as K
 import importlib
 
 ops = importlib.import_module("nfd_fast.ops.fused_mlp")  # the package re-exports a function of that name
 
 H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.int64: "i64", torch.int32: "i32"}
 
 
 class _Recorder:
@@ -106,6 +108,35 @@ def record_fused_mlp(widths, dtype, batch=2, n=300, **options):
     return calls
 
 
+def record_diffusion():
+    """Every mode of the diffusion step kernel, with given and in-kernel (Philox) noise."""
+    import nfd_fast
+    from nfd_fast.diffusion import NoiseSchedule
+    from nfd_fast.ops import ddim_step, ddpm_step, langevin_step, q_sample, vp_predictor_step
+
+    calls = []
+    saved = KD.diffusion_step_kernel
+    KD.diffusion_step_kernel = _Recorder(saved, calls)
+    # the kernels are already compiled objects; this only lets the ops route CPU tensors
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        s = NoiseSchedule()
+        x = torch.randn(4, 3000)
+        h = x.half()
+        with nfd_fast.use_backend("triton"):
+            q_sample(x, 5, x, s)
+            ddpm_step(x, 5, x, s, noise=x)
+            ddpm_step(h, 5, h, s, prediction_type="v_prediction", clip_sample=1.0)
+            ddim_step(x, 5, 0, x, s, eta=0.5, uncond_output=x, guidance_scale=2.0,
+                      dynamic_threshold=(0.99, 1.0), use_clipped_model_output=True)
+            langevin_step(x, x, 5, s)
+            vp_predictor_step(x, x, 5, s)
+    finally:
+        KD.diffusion_step_kernel = saved
+        del os.environ["TRITON_INTERPRET"]
+    return calls
+
+
 CONFIGS = [
     # (widths, dtype, options): the benchmark's SIREN first
     ((2, 256, 256, 256, 256, 3), torch.float32, {}),
@@ -140,6 +171,11 @@ def main(argv=None) -> int:
                   f"{ptxas_report(c)} {meta.shared}", flush=True)
             if meta.shared > H100_MAX_SHARED:
                 too_big.append(f"{fn.__name__} {widths} {_DTYPE_NAMES[dtype]} {options}")
+    for fn, a, kw in record_diffusion():
+        c = compile_launch(fn, a, kw)
+        label = f"MODE={kw['MODE']} NOISE={kw['NOISE']} CFG={kw['CFG']}"
+        print(f"{fn.__name__:28} {label:24} {_DTYPE_NAMES[a[2].dtype]:9} {'':40} "
+              f"{ptxas_report(c)} {c.metadata.shared}", flush=True)
     for entry in too_big:
         print(f"FAIL: needs more shared memory than an H100 has: {entry}")
     return 1 if too_big else 0

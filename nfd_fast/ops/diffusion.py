@@ -72,10 +72,11 @@ def _timesteps(t: Timesteps, x: torch.Tensor, schedule, name: str, validate: boo
     else:
         tt = torch.full((B,), t, dtype=torch.int64, device=x.device)
     if validate and B > 0:
-        lo = -1 if allow_negative else 0
-        bad = (tt < lo) | (tt >= T)
+        # prev_t may be any negative value: it marks the final step
+        bad = (tt >= T) if allow_negative else ((tt < 0) | (tt >= T))
         if bool(bad.any()):
-            raise ValueError(f"{name}: timesteps must be in [{lo}, {T - 1}], got {tt[bad][:4].tolist()}")
+            allowed = f"< {T}" if allow_negative else f"in [0, {T - 1}]"
+            raise ValueError(f"{name}: timesteps must be {allowed}, got {tt[bad][:4].tolist()}")
     return tt.contiguous()
 
 

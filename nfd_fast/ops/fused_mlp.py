@@ -431,6 +431,8 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
 def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
     """Back through linear layer `layer` + 1. layer >= 0: returns (dz_layer, h_layer,
     column sums [4, B, HID_PAD] of dz, du, du*z, g*act); layer = -1: returns dx."""
+    import triton
+
     from ..kernels import fused_mlp as K
 
     w, _, mods, act = packed
