@@ -92,3 +92,90 @@ register(Case(
     _build_siren_train_step,
     gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]", "nfd_fast[recompute]"),
     targets=(Target("nfd_fast*", "speedup", 3.0, "eager", ISSUE_2),)))
+
+
+# ---------------------------------------------------------------- diffusion steps (issue 4)
+ISSUE_4 = "issue 4 (H100)"
+
+
+def _ddim_step_impls(shape, device):
+    """One stochastic DDIM step (eta = 1, per-sample t, noise drawn by the step)."""
+    from nfd_fast.diffusion import NoiseSchedule
+    from nfd_fast.ops import ddim_step
+
+    schedule = NoiseSchedule("linear", 1000, device=device)
+    B = shape[0]
+    g = torch.Generator(device).manual_seed(0)
+    sets = []
+    for _ in range(ROTATIONS):
+        t = torch.randint(20, 1000, (B,), device=device, generator=g)
+        sets.append((torch.randn(shape, device=device, generator=g),
+                     torch.randn(shape, device=device, generator=g), t, t - 20))
+
+    def step(m, x, t, prev):
+        return ddim_step(m, t, prev, x, schedule, eta=1.0, validate=False)
+
+    compiled = torch.compile(_with_backend("torch", step))
+    impls = {"eager": _with_backend("torch", step), "compiled": compiled,
+             "nfd_fast": _with_backend("auto", step)}
+    n = 1
+    for s in shape:
+        n *= s
+    # fewest bytes: read model output and x, write x_prev and x0 (noise drawn on chip)
+    work = Work(flops=0.0, bytes=4 * 4 * n, coords=n)
+    return work, {k: Rotating(f, sets) for k, f in impls.items()}
+
+
+register(Case(
+    "ddim_step_2^26", "one DDIM step (eta 1, per-sample t), 2^26 float32 elements (quick 2^16)",
+    lambda device, quick: _ddim_step_impls((64, 2**10 if quick else 2**20), device),
+    targets=(Target("nfd_fast", "speedup", 5.0, "eager", ISSUE_4),
+             Target("nfd_fast", "roofline", 0.8, source=ISSUE_4 + ", copy bandwidth"))))
+register(Case(
+    "ddim_step_ddmi_latent", "one DDIM step on a DDMI latent batch 64 x 64x64x64 (quick 8 x 8^3)",
+    lambda device, quick: _ddim_step_impls((8, 8, 8, 8) if quick else (64, 64, 64, 64), device),
+    targets=(Target("nfd_fast", "speedup", 5.0, "eager", ISSUE_4),)))
+
+
+class _TimeMLP(torch.nn.Module):
+    """A small denoiser: MLP on [x, t / T] (the approach-1 latent size)."""
+
+    def __init__(self, dim=64, width=256):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, width), torch.nn.SiLU(),
+                                       torch.nn.Linear(width, width), torch.nn.SiLU(),
+                                       torch.nn.Linear(width, dim))
+
+    def forward(self, x, t, cond=None):
+        return self.net(torch.cat([x, t.float().unsqueeze(-1) / 1000.0], dim=-1))
+
+
+def _build_ddim_loop(device, quick):
+    from nfd_fast.diffusion import NoiseSchedule, Sampler
+
+    torch.manual_seed(0)
+    shape = (256, 64)
+    steps = 10 if quick else 50
+    schedule = NoiseSchedule("cosine", 1000, device=device)
+    denoiser = _TimeMLP().to(device).eval()
+    noises = [(torch.randn(shape, device=device),) for _ in range(ROTATIONS)]
+
+    def sampler(backend_name, cuda_graph):
+        s = Sampler(denoiser, shape, schedule, steps=steps, cuda_graph=cuda_graph)
+
+        def run(x_T):
+            with torch.no_grad(), nfd_fast.use_backend(backend_name):
+                return s(x_T)
+
+        return run
+
+    impls = {"eager": sampler("torch", False), "nfd_fast": sampler("auto", False),
+             "nfd_fast[graph]": sampler("auto", True if device == "cuda" else False)}
+    width_flops = 2 * shape[0] * (65 * 256 + 256 * 256 + 256 * 64)
+    work = Work(flops=steps * width_flops, bytes=steps * 4 * 4 * shape[0] * shape[1],
+                coords=shape[0])
+    return work, {k: Rotating(f, noises) for k, f in impls.items()}
+
+
+register(Case("ddim_loop_50", "50-step DDIM loop, MLP denoiser, batch 256 x 64 (quick 10 steps)",
+              _build_ddim_loop, gpu_only_impls=("nfd_fast[graph]",)))
