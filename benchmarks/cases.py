@@ -94,6 +94,35 @@ register(Case(
     targets=(Target("nfd_fast*", "speedup", 3.0, "eager", ISSUE_2),)))
 
 
+def _build_modulated_siren(device, quick):
+    """functa-style readout: per-sample shift modulations from a latent, B samples."""
+    from nfd_fast.nn import ModulatedSiren
+
+    torch.manual_seed(0)
+    B, n = (4, 2**12) if quick else (16, 2**18)
+    model = ModulatedSiren(2, 256, 3, 3, latent_dim=128).to(device)
+    sets = [(torch.rand(B, n, 2, device=device) * 2 - 1, torch.randn(B, 128, device=device))
+            for _ in range(ROTATIONS)]
+
+    def step(m, coords, latent):
+        with torch.no_grad():
+            return m(coords, latent)
+
+    impls = {"eager": _with_backend("torch", lambda *a: step(model, *a)),
+             "compiled": torch.compile(_with_backend("torch", lambda *a: step(model, *a))),
+             "nfd_fast": _with_backend("auto", lambda *a: step(model, *a))}
+    bf16 = ModulatedSiren(2, 256, 3, 3, latent_dim=128, precision="bf16").to(device)
+    bf16.load_state_dict(model.state_dict())
+    impls["nfd_fast[bf16]"] = _with_backend("auto", lambda *a: step(bf16, *a))
+    work = Work(mlp_flops((2, 256, 256, 256, 256, 3), B * n), B * n * (2 + 3) * 4, B * n)
+    return work, {k: Rotating(f, sets) for k, f in impls.items()}
+
+
+register(Case("modulated_siren_inference",
+              "ModulatedSiren 2->256x3->3, shift modulations, B=16 x 2^18 coords (quick 4 x 2^12)",
+              _build_modulated_siren, gpu_only_impls=("nfd_fast[bf16]",)))
+
+
 # ---------------------------------------------------------------- diffusion steps (issue 4)
 ISSUE_4 = "issue 4 (H100)"
 
