@@ -387,6 +387,27 @@ def test_ddpm_loop_reproducible_for_a_generator():
     assert not torch.equal(a, c) and torch.isfinite(a).all()
 
 
+def test_sample_reuses_its_sampler_per_configuration():
+    from nfd_fast.diffusion import sampling
+
+    s = schedule()
+
+    def den(x, t, cond):
+        return 0.1 * x
+
+    sample(den, (2, 5), s, steps=4, generator=torch.Generator().manual_seed(0))
+    sample(den, (2, 5), s, steps=4, generator=torch.Generator().manual_seed(1))
+    sample(den, (2, 5), s, steps=5)
+    assert len(sampling._SAMPLERS[den]) == 2
+    import gc
+    import weakref
+
+    ref = weakref.ref(den)
+    del den  # neither the cache nor its Samplers keep the denoiser alive
+    gc.collect()
+    assert ref() is None
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU (run by benchmarks/gpu_check.sh)")
 def test_cuda_graph_loop_matches_eager():
     s = schedule()

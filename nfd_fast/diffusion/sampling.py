@@ -2,7 +2,9 @@
 CUDA the whole loop (denoiser calls + fused steps) captured once as a CUDA graph."""
 from __future__ import annotations
 
+import collections
 import warnings
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -34,7 +36,8 @@ class Sampler:
                  method: str = "ddim", steps: int = 50, eta: float = 0.0,
                  guidance_scale: Optional[float] = None, cond=None, uncond=None,
                  prediction_type: str = "epsilon", clip_sample=None,
-                 dtype: torch.dtype = torch.float32, cuda_graph="auto"):
+                 dtype: torch.dtype = torch.float32, cuda_graph="auto",
+                 weak_denoiser: bool = False):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if prediction_type not in PREDICTION_TYPES:
@@ -43,7 +46,10 @@ class Sampler:
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
         if len(shape) < 1 or any(int(s) < 1 for s in shape):
             raise ValueError(f"shape: expected positive sizes [B, ...], got {list(shape)}")
-        self.denoiser, self.shape, self.schedule = denoiser, tuple(int(s) for s in shape), schedule
+        # weak_denoiser: sample()'s cache keys on the denoiser weakly, so its Samplers must
+        # not keep it alive either
+        self._denoiser = weakref.ref(denoiser) if weak_denoiser else (lambda: denoiser)
+        self.shape, self.schedule = tuple(int(s) for s in shape), schedule
         self.method, self.steps, self.eta = method, steps, eta
         self.guidance_scale, self.cond, self.uncond = guidance_scale, cond, uncond
         self.prediction_type, self.clip_sample, self.dtype = prediction_type, clip_sample, dtype
@@ -56,6 +62,10 @@ class Sampler:
         if cuda_graph is True and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs a schedule on a CUDA device")
         self._graph = None
+
+    @property
+    def denoiser(self) -> Callable:
+        return self._denoiser()
 
     # --------------------------------------------------------------------- the loop
     def _step(self, x: torch.Tensor, i: int, seeds: torch.Tensor) -> torch.Tensor:
@@ -127,16 +137,40 @@ class Sampler:
         return self._loop(x, seeds, progress)
 
 
+# Samplers (and their captured graphs) per denoiser, so repeated sample() calls replay one
+# graph. Weak keys: a denoiser that is gone takes its graphs with it. Each denoiser keeps
+# its few most recent configurations (a graph holds its own memory pool).
+_SAMPLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PER_DENOISER = 4
+
+
+def _cached_sampler(denoiser, shape, schedule, key, options) -> "Sampler":
+    try:
+        cache = _SAMPLERS.setdefault(denoiser, collections.OrderedDict())
+    except TypeError:  # not weak-referenceable: no caching
+        return Sampler(denoiser, shape, schedule, **options)
+    if key not in cache:
+        cache[key] = Sampler(denoiser, shape, schedule, weak_denoiser=True, **options)
+        while len(cache) > _PER_DENOISER:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
 def sample(denoiser: Callable, shape: Sequence[int], schedule: NoiseSchedule, *,
            method: str = "ddim", steps: int = 50, eta: float = 0.0,
            guidance_scale: Optional[float] = None, cond=None, uncond=None,
            generator: Optional[torch.Generator] = None, cuda_graph="auto",
            progress: bool = False, prediction_type: str = "epsilon", clip_sample=None,
            x_T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sample with a fused DDIM / DDPM loop; see Sampler (which keeps the captured graph
-    for repeated calls)."""
-    sampler = Sampler(denoiser, shape, schedule, method=method, steps=steps, eta=eta,
-                      guidance_scale=guidance_scale, cond=cond, uncond=uncond,
-                      prediction_type=prediction_type, clip_sample=clip_sample, dtype=dtype,
-                      cuda_graph=cuda_graph)
+    """Sample with a fused DDIM / DDPM loop (see Sampler). On CUDA the loop is captured
+    as a CUDA graph on the first call with a configuration and replayed by later calls
+    with the same denoiser, shape, schedule, options and cond / uncond objects."""
+    options = dict(method=method, steps=steps, eta=eta, guidance_scale=guidance_scale,
+                   cond=cond, uncond=uncond, prediction_type=prediction_type,
+                   clip_sample=clip_sample, dtype=dtype, cuda_graph=cuda_graph)
+    key = (tuple(shape), id(schedule), method, steps, eta, guidance_scale, id(cond), id(uncond),
+           prediction_type, clip_sample if not isinstance(clip_sample, list) else tuple(clip_sample),
+           dtype, cuda_graph)
+    sampler = _cached_sampler(denoiser, shape, schedule, key, options)
     return sampler(x_T, generator=generator, progress=progress)
