@@ -1,5 +1,6 @@
 """nn.Modules over nfd_fast's fused ops."""
+from .fields import MultiScaleField
 from .mlp import FusedMLP
 from .siren import ModulatedSiren, SineLayer, Siren, siren_init_
 
-__all__ = ["FusedMLP", "ModulatedSiren", "SineLayer", "Siren", "siren_init_"]
+__all__ = ["FusedMLP", "ModulatedSiren", "MultiScaleField", "SineLayer", "Siren", "siren_init_"]
