@@ -26,6 +26,7 @@ from triton.compiler import ASTSource
 
 from nfd_fast.kernels import diffusion as KD
 from nfd_fast.kernels import fused_mlp as K
+from nfd_fast.kernels import grid_lookup as KG
 import importlib
 
 ops = importlib.import_module("nfd_fast.ops.fused_mlp")  # the package re-exports a function of that name
@@ -54,6 +55,8 @@ def _arg_type(value) -> str:
         return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
+    if hasattr(value, "primitive_bitwidth"):  # a triton dtype: only ever a constexpr here
+        return "constexpr"
     raise TypeError(f"cannot type {value!r}")
 
 
@@ -137,6 +140,34 @@ def record_diffusion():
     return calls
 
 
+def record_grid_lookup():
+    """Forward and backward launches of grid_lookup for the DDMI and K-planes layouts."""
+    import nfd_fast
+    from nfd_fast.ops import grid_lookup
+
+    calls = []
+    saved = KG.grid_lookup_fwd_kernel, KG.grid_lookup_bwd_kernel
+    KG.grid_lookup_fwd_kernel = _Recorder(saved[0], calls)
+    KG.grid_lookup_bwd_kernel = _Recorder(saved[1], calls)
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the op route CPU tensors; kernels stay compiled
+    try:
+        cases = [  # (D, planes, spatial, channels, combine, dtype)
+            (2, [(0, 1)], [(64, 64)], 64, "sum", torch.float32),
+            (3, [(0, 1), (1, 2), (0, 2)], [(16, 16)] * 3, 64, "sum", torch.float16),
+            (4, [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)], [(8, 8)] * 6, 32, "product", torch.float32),
+            (3, [(0, 1, 2), (0,)], [(8, 8, 8), (9,)], 16, "concat", torch.bfloat16),
+        ]
+        for D, planes, spatial, C, combine, dtype in cases:
+            coords = torch.rand(2, 100, D, requires_grad=True)
+            fields = [[torch.randn(2, C, *sp, dtype=dtype, requires_grad=True) for sp in spatial]]
+            with nfd_fast.use_backend("triton"):
+                grid_lookup(coords, fields, planes, combine=combine).float().sum().backward()
+    finally:
+        KG.grid_lookup_fwd_kernel, KG.grid_lookup_bwd_kernel = saved
+        del os.environ["TRITON_INTERPRET"]
+    return calls
+
+
 CONFIGS = [
     # (widths, dtype, options): the benchmark's SIREN first
     ((2, 256, 256, 256, 256, 3), torch.float32, {}),
@@ -176,6 +207,13 @@ def main(argv=None) -> int:
         label = f"MODE={kw['MODE']} NOISE={kw['NOISE']} CFG={kw['CFG']}"
         print(f"{fn.__name__:28} {label:24} {_DTYPE_NAMES[a[2].dtype]:9} {'':40} "
               f"{ptxas_report(c)} {c.metadata.shared}", flush=True)
+    for fn, a, kw in record_grid_lookup():
+        c = compile_launch(fn, a, kw)
+        label = f"P={kw['P']} D={kw['D']} COMBINE={kw['COMBINE']}"
+        print(f"{fn.__name__:28} {label:24} {str(kw['DTYPE']):9} {'':40} "
+              f"{ptxas_report(c)} {c.metadata.shared}", flush=True)
+        if c.metadata.shared > H100_MAX_SHARED:
+            too_big.append(f"{fn.__name__} {label}")
     for entry in too_big:
         print(f"FAIL: needs more shared memory than an H100 has: {entry}")
     return 1 if too_big else 0

@@ -188,12 +188,17 @@ def _kernel_dtype(dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
+# from sm_90 compile reports (tests/sm90_compile.py): 8 elements per thread per [BLOCK_N, C]
+# tile keeps every layout spill-free (a tile of 64-bit tap pointers is the big cost)
+BLOCK_N, MAX_BLOCK_C, NUM_WARPS = 32, 64, 8
+
+
 def _launch_args(spec, s, coords, C):
     from triton import cdiv
 
     B, N, _ = coords.shape
-    block_c = min(64, max(16, 1 << (C - 1).bit_length()))
-    return (cdiv(N, 64), cdiv(C, block_c), B), 64, block_c
+    block_c = min(MAX_BLOCK_C, max(16, 1 << (C - 1).bit_length()))
+    return (cdiv(N, BLOCK_N), cdiv(C, block_c), B), BLOCK_N, block_c
 
 
 def _scale_columns(spec):
@@ -221,7 +226,7 @@ class _GridLookupFunction(torch.autograd.Function):
                 coords_c, _table(scale, spec.planes, B), out, N, F_total, spec.channels[s], cols[s],
                 D=D, P=P, FACTORS=spec.factors, COMBINE=COMBINES.index(spec.combine),
                 ALIGN=spec.align_corners, BORDER=spec.padding_mode == "border",
-                DTYPE=_kernel_dtype(flat[0].dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+                DTYPE=_kernel_dtype(flat[0].dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
         ctx.spec = spec
         ctx.save_for_backward(coords_c, *flat)
         return out
@@ -249,7 +254,7 @@ class _GridLookupFunction(torch.autograd.Function):
                 D=D, P=P, FACTORS=spec.factors, COMBINE=COMBINES.index(spec.combine),
                 ALIGN=spec.align_corners, BORDER=spec.padding_mode == "border",
                 DTYPE=_kernel_dtype(flat[0].dtype), NEED_FIELDS=need_fields, NEED_COORDS=need_coords,
-                BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+                BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
         dcoords = dcoords.view(B, N, D).to(coords.dtype) if need_coords else None
         grads = [g.to(f.dtype) if need else None
                  for g, f, need in zip(dfields, flat, ctx.needs_input_grad[2:])]
