@@ -208,3 +208,85 @@ def _build_ddim_loop(device, quick):
 
 register(Case("ddim_loop_50", "50-step DDIM loop, MLP denoiser, batch 256 x 64 (quick 10 steps)",
               _build_ddim_loop, gpu_only_impls=("nfd_fast[graph]",)))
+
+
+# ---------------------------------------------------------------- grid lookup (issue 3)
+ISSUE_3 = "issue 3 (H100)"
+
+# (B, points, planes, per-scale spatial sizes, channels, combine, align_corners); quick
+GRID_CONFIGS = {
+    "ddmi_image": (16, 256 * 256, [(0, 1)], [(64, 64), (128, 128), (256, 256)], 64, "sum", False),
+    "ddmi_triplane": (8, 2**18, [(0, 1), (1, 2), (0, 2)], [(16, 16), (32, 32), (64, 64)], 64,
+                      "sum", True),
+}
+GRID_QUICK = {"ddmi_image": (2, 32 * 32, [(8, 8), (16, 16), (32, 32)]),
+              "ddmi_triplane": (2, 2**10, [(4, 4), (8, 8), (16, 16)])}
+
+
+def _build_grid(config: str, backward: bool):
+    def build(device, quick):
+        from nfd_fast.ops import grid_lookup
+
+        B, n, planes, sizes, C, combine, align = GRID_CONFIGS[config]
+        if quick:
+            B, n, sizes = GRID_QUICK[config]
+        D = 1 + max(a for p in planes for a in p)
+        g = torch.Generator(device).manual_seed(0)
+
+        def input_set(channels_last):
+            coords = torch.rand(B, n, D, device=device, generator=g) * 2 - 1
+            fields = []
+            for size in sizes:
+                row = []
+                for _ in planes:
+                    f = torch.randn(B, C, *size, device=device, generator=g)
+                    if channels_last:  # the decoder's conv can emit channels_last directly
+                        f = f.contiguous(memory_format=torch.channels_last)
+                    row.append(f.requires_grad_(backward))
+                fields.append(row)
+            grad = torch.randn(B, n, C * len(sizes), device=device, generator=g)
+            return coords, fields, grad
+
+        def step(coords, fields, grad, sort_backward=False):
+            out = grid_lookup(coords, fields, planes, combine=combine, align_corners=align,
+                              sort_backward=sort_backward)
+            if backward:
+                out.backward(grad)
+            return out
+
+        plain = [input_set(False) for _ in range(ROTATIONS)]
+        last = [input_set(True) for _ in range(ROTATIONS)]
+        impls = {"eager": Rotating(_with_backend("torch", step), plain),
+                 "compiled": Rotating(torch.compile(_with_backend("torch", step)), plain),
+                 "nfd_fast": Rotating(_with_backend("auto", step), plain),
+                 "nfd_fast[channels_last]": Rotating(_with_backend("auto", step), last)}
+        if backward:  # the alternative to the plain atomic scatter, to be chosen by measurement
+            impls["nfd_fast[sorted]"] = Rotating(
+                _with_backend("auto", lambda *a: step(*a, sort_backward=True)), last)
+        field_elems = B * C * len(planes) * sum(h * w for h, w in sizes)
+        out_elems = B * n * C * len(sizes)
+        # bytes: fields read once, coordinates read, features written (backward: + field
+        # gradients written, upstream gradient read)
+        nbytes = 4 * (field_elems + B * n * D + out_elems)
+        if backward:
+            nbytes += 4 * (field_elems + out_elems)
+        taps = 4 * len(planes)
+        work = Work(flops=2.0 * B * n * len(sizes) * taps * C * (2 if backward else 1),
+                    bytes=nbytes, coords=B * n)
+        return work, impls
+
+    return build
+
+
+for _config, _label in (("ddmi_image", "DDMI image fields 64^2/128^2/256^2 x 64, B=16, 256^2 coords"),
+                        ("ddmi_triplane", "DDMI tri-planes 16^2/32^2/64^2 x 64, B=8, 2^18 points, sum")):
+    register(Case(f"grid_{_config}_fwd", f"{_label}: forward", _build_grid(_config, False),
+                  gpu_only_impls=("nfd_fast[channels_last]",),
+                  targets=(Target("nfd_fast*", "speedup", 3.0, "eager", ISSUE_3),
+                           Target("nfd_fast*", "roofline", 0.5,
+                                  source=ISSUE_3 + ", within 2x of the bandwidth floor"))))
+    register(Case(f"grid_{_config}_fwd_bwd", f"{_label}: forward + backward (field grads)",
+                  _build_grid(_config, True),
+                  gpu_only_impls=("nfd_fast[channels_last]", "nfd_fast[sorted]"),
+                  targets=(Target("nfd_fast*", "speedup", 5.0, "eager",
+                                  ISSUE_3 + " (backward >= 5x; judged on forward + backward)"),)))

@@ -183,22 +183,27 @@ def grid_lookup_fwd_kernel(
 
 @triton.jit
 def grid_lookup_bwd_kernel(
-    coords_ptr, table_ptr, grad_table_ptr, grad_out_ptr, dcoords_ptr, N, F, C, col0,
+    coords_ptr, table_ptr, grad_table_ptr, grad_out_ptr, dcoords_ptr, perm_ptr, N, F, C, col0,
     D: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
     ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
-    NEED_FIELDS: tl.constexpr, NEED_COORDS: tl.constexpr,
+    NEED_FIELDS: tl.constexpr, NEED_COORDS: tl.constexpr, SORTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Gradients of one scale: fields by atomic adds into float32 buffers (grad_table
     rows hold their addresses and strides), coordinates added into dcoords [B*N, D].
 
     For "product" the factor's upstream gradient is grad_out times the product of the
-    other factors, recomputed here (P^2 gathers; P <= 6 in practice)."""
+    other factors, recomputed here (P^2 gathers; P <= 6 in practice).
+
+    SORTED: the program's points are perm[b, n] (each sample's points ordered by grid
+    cell), so a block's atomics land on few, nearby field cells instead of scattering."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = n < N
+    if SORTED:
+        n = tl.load(perm_ptr + b * N + n, mask=row_ok, other=0)
     prow = b * N + n.to(tl.int64)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C

@@ -133,8 +133,14 @@ def reference_grid_lookup(coords, fields, planes, combine, align_corners, paddin
 
 def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
                 planes: Sequence[Sequence[int]], *, combine: str = "sum",
-                align_corners: bool = False, padding_mode: str = "border") -> torch.Tensor:
-    """Read multi-scale factorized fields at coordinates; see the module docstring."""
+                align_corners: bool = False, padding_mode: str = "border",
+                sort_backward: bool = False) -> torch.Tensor:
+    """Read multi-scale factorized fields at coordinates; see the module docstring.
+
+    sort_backward (kernel only): order each sample's points by their cell in the finest
+    scale's first plane before the backward, so the field-gradient atomics of a block
+    hit neighbouring cells (an alternative to the plain atomic scatter, to be chosen by
+    GPU measurement; the gradients are the same up to float32 summation order)."""
     planes, fields = _validate(coords, fields, planes, combine, padding_mode)
     flat = [f for scale in fields for f in scale]
     ok = all(t.dtype in _KERNEL_DTYPES for t in [coords, *flat])
@@ -142,7 +148,7 @@ def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
             backend.resolve("grid_lookup", coords, *flat, triton_dtypes_ok=ok) == "torch":
         return reference_grid_lookup(coords, fields, planes, combine, bool(align_corners), padding_mode)
     spec = _Spec(planes, [len(s) for s in fields], [s[0].shape[-1 - len(planes[0])] for s in fields],
-                 combine, bool(align_corners), padding_mode)
+                 combine, bool(align_corners), padding_mode, bool(sort_backward))
     return _GridLookupFunction.apply(spec, coords, *flat)
 
 
@@ -152,8 +158,9 @@ def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
 class _Spec:
     """The static description of one call (planes, channels per scale, options)."""
 
-    def __init__(self, planes, per_scale, channels, combine, align_corners, padding_mode):
-        self.planes, self.channels = planes, channels
+    def __init__(self, planes, per_scale, channels, combine, align_corners, padding_mode,
+                 sort_backward=False):
+        self.planes, self.channels, self.sort_backward = planes, channels, sort_backward
         self.num_scales = len(per_scale)
         self.combine, self.align_corners, self.padding_mode = combine, align_corners, padding_mode
         meta = 0
@@ -209,6 +216,18 @@ def _scale_columns(spec):
     return cols, col
 
 
+def _cell_order(coords: torch.Tensor, field: torch.Tensor, axes, align_corners: bool) -> torch.Tensor:
+    """perm [B, N] (int32) ordering each sample's points by their cell in `field`."""
+    sizes = list(field.shape[-len(axes):])[::-1]  # x (width) first
+    key = torch.zeros(coords.shape[:2], dtype=torch.int64, device=coords.device)
+    for axis, size in reversed(list(zip(axes, sizes))):
+        g = coords[..., axis].float()
+        i = (g + 1) / 2 * (size - 1) if align_corners else ((g + 1) * size - 1) / 2
+        cell = torch.nan_to_num(i, nan=0.0).clamp(0, size - 1).floor().long()
+        key = key * size + cell
+    return torch.argsort(key, dim=1).to(torch.int32).contiguous()
+
+
 class _GridLookupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, coords: torch.Tensor, *flat):
@@ -245,16 +264,19 @@ class _GridLookupFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         dcoords = torch.zeros(B * N, D, device=coords.device, dtype=torch.float32)
         dfields = [torch.zeros(f.shape, device=f.device, dtype=torch.float32) for f in flat]
+        perm = coords  # unused unless sorted
+        if spec.sort_backward:
+            perm = _cell_order(coords, flat[(spec.num_scales - 1) * P], spec.planes[0], spec.align_corners)
         for s in range(spec.num_scales):
             scale = flat[s * P:(s + 1) * P]
             grid, block_n, block_c = _launch_args(spec, s, coords, spec.channels[s])
             K.grid_lookup_bwd_kernel[grid](
                 coords, _table(scale, spec.planes, B), _table(dfields[s * P:(s + 1) * P], spec.planes, B),
-                grad_out, dcoords, N, F_total, spec.channels[s], cols[s],
+                grad_out, dcoords, perm, N, F_total, spec.channels[s], cols[s],
                 D=D, P=P, FACTORS=spec.factors, COMBINE=COMBINES.index(spec.combine),
                 ALIGN=spec.align_corners, BORDER=spec.padding_mode == "border",
                 DTYPE=_kernel_dtype(flat[0].dtype), NEED_FIELDS=need_fields, NEED_COORDS=need_coords,
-                BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+                SORTED=spec.sort_backward, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
         dcoords = dcoords.view(B, N, D).to(coords.dtype) if need_coords else None
         grads = [g.to(f.dtype) if need else None
                  for g, f, need in zip(dfields, flat, ctx.needs_input_grad[2:])]
