@@ -160,8 +160,27 @@ def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
 
 
 @triton.jit
+def _grid_coordinates(lin, cin, gsize_ptr, gaffine_ptr, BLOCK_M: tl.constexpr, IN_PAD: tl.constexpr,
+                      GRID_DIMS: tl.constexpr, GRID_AXES: tl.constexpr):
+    """Coordinates of the grid points `lin` (C-order linear indices): component c is
+    offset_c + index_{axis_c} * step_c, axis_c = (GRID_AXES >> 2c) & 3."""
+    h = tl.zeros((BLOCK_M, IN_PAD), tl.float32)
+    rem = lin
+    for k in tl.static_range(GRID_DIMS):  # unravel, last axis fastest
+        n_axis = tl.load(gsize_ptr + GRID_DIMS - 1 - k)
+        idx = (rem % n_axis).to(tl.float32)
+        rem = rem // n_axis
+        for c in tl.static_range(GRID_DIMS):
+            if ((GRID_AXES >> (2 * c)) & 3) == GRID_DIMS - 1 - k:
+                coord = tl.load(gaffine_ptr + 2 * c) + idx * tl.load(gaffine_ptr + 2 * c + 1)
+                h = tl.where(cin[None, :] == c, coord[:, None], h)
+    return h
+
+
+@triton.jit
 def fused_mlp_fwd_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr, y_ptr, z_ptr, zf_ptr,
+    gsize_ptr, gaffine_ptr, lin0,
     N, IN, OUT, M,
     stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
     NUM_LAYERS: tl.constexpr, D: tl.constexpr,
@@ -171,8 +190,12 @@ def fused_mlp_fwd_kernel(
     HAS_MULT: tl.constexpr, SAVE_Z: tl.constexpr, FAST_SINE: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0,
 ):
     """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows of sample b = program_id(1).
+
+    GRID_DIMS > 0 (rendering, B = 1): x is not read; row r's coordinates are those of grid
+    point lin0 + r, made here from the grid's sizes and per-component affine maps.
 
     With SAVE_Z the pre-activations z_l of the hidden layers go to z_ptr
     ([L-1, M, HID_PAD] float32) and, when FINAL_ACT is not identity, z_{L-1} to zf_ptr
@@ -189,8 +212,12 @@ def fused_mlp_fwd_kernel(
     b_base = b_ptr + b * stride_bb
 
     cin = tl.arange(0, IN_PAD)
-    h = tl.load(x_ptr + grow[:, None] * IN + cin[None, :],
-                mask=row_ok[:, None] & (cin < IN)[None, :], other=0.0).to(tl.float32)
+    if GRID_DIMS > 0:
+        h = _grid_coordinates(lin0 + grow, cin, gsize_ptr, gaffine_ptr, BLOCK_M, IN_PAD,
+                              GRID_DIMS, GRID_AXES)
+    else:
+        h = tl.load(x_ptr + grow[:, None] * IN + cin[None, :],
+                    mask=row_ok[:, None] & (cin < IN)[None, :], other=0.0).to(tl.float32)
     cfull = tl.arange(0, HID_PAD)
 
     for p in tl.static_range(NUM_LAYERS // 2):

@@ -42,6 +42,7 @@ class FusedMLP(nn.Module):
                    for i in range(len(widths))]
         self.leaky_slope, self.leaky_gain = leaky_slope, leaky_gain
         self.precision, self.fast_sine, self.recompute = precision, fast_sine, recompute
+        self.in_features, self.out_features = in_features, out_features
         dims = [in_features] + widths + [out_features]
         self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:]))
         for l, lin in enumerate(self.layers):
@@ -49,10 +50,13 @@ class FusedMLP(nn.Module):
             if (l < len(acts) and acts[l] == "sine") or feeds_sine:
                 siren_init_(lin, self.w0[min(l, len(acts) - 1)], is_first=l == 0)
 
+    def fused_mlp_arguments(self) -> dict:
+        """The fused_mlp arguments this module evaluates (all but x and modulations)."""
+        return dict(weights=[l.weight for l in self.layers], biases=[l.bias for l in self.layers],
+                    activation=self.activation, w0=self.w0,
+                    final_activation=self.final_activation, leaky_slope=self.leaky_slope,
+                    leaky_gain=self.leaky_gain, precision=self.precision,
+                    fast_sine=self.fast_sine, recompute=self.recompute)
+
     def forward(self, x: torch.Tensor, *, scale=None, shift=None, mult=None) -> torch.Tensor:
-        return fused_mlp(x, [l.weight for l in self.layers], [l.bias for l in self.layers],
-                         activation=self.activation, w0=self.w0,
-                         final_activation=self.final_activation, leaky_slope=self.leaky_slope,
-                         leaky_gain=self.leaky_gain, scale=scale, shift=shift, mult=mult,
-                         precision=self.precision, fast_sine=self.fast_sine,
-                         recompute=self.recompute)
+        return fused_mlp(x, scale=scale, shift=shift, mult=mult, **self.fused_mlp_arguments())

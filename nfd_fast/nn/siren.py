@@ -62,6 +62,7 @@ class Siren(nn.Module):
             raise ValueError(f"hidden_layers must be >= 0, got {hidden_layers}")
         self.first_omega_0, self.hidden_omega_0 = float(first_omega_0), float(hidden_omega_0)
         self.outermost_linear = outermost_linear
+        self.in_features, self.out_features = in_features, out_features
         self.precision, self.fast_sine, self.recompute = precision, fast_sine, recompute
         layers = [SineLayer(in_features, hidden_features, is_first=True, omega_0=first_omega_0)]
         layers += [SineLayer(hidden_features, hidden_features, omega_0=hidden_omega_0)
@@ -78,15 +79,18 @@ class Siren(nn.Module):
     def w0s(self) -> list:
         return [m.omega_0 for m in self.net[:-1]]
 
+    def fused_mlp_arguments(self) -> dict:
+        """The fused_mlp arguments this module evaluates (all but x and modulations)."""
+        linears = self.linears()
+        return dict(weights=[l.weight for l in linears], biases=[l.bias for l in linears],
+                    activation="sine", w0=self.w0s(),
+                    final_activation="identity" if self.outermost_linear else "sine",
+                    final_w0=self.hidden_omega_0, precision=self.precision,
+                    fast_sine=self.fast_sine, recompute=self.recompute)
+
     def forward(self, coords: torch.Tensor, *, scale=None, shift=None, mult=None) -> torch.Tensor:
         """coords [N, in] or [B, N, in]; optional per-hidden-layer modulations (fused_mlp)."""
-        linears = self.linears()
-        return fused_mlp(coords, [l.weight for l in linears], [l.bias for l in linears],
-                         activation="sine", w0=self.w0s(),
-                         final_activation="identity" if self.outermost_linear else "sine",
-                         final_w0=self.hidden_omega_0, scale=scale, shift=shift, mult=mult,
-                         precision=self.precision, fast_sine=self.fast_sine,
-                         recompute=self.recompute)
+        return fused_mlp(coords, scale=scale, shift=shift, mult=mult, **self.fused_mlp_arguments())
 
 
 class ModulatedSiren(nn.Module):

@@ -392,7 +392,9 @@ def _dot_config(precision: str):
     return K.DOT_FP32, precision
 
 
-def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
+def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool, coord_grid=None):
+    """coord_grid: None, or (sizes int64 [D], affine float32 [D, 2], axes bit-field, start) to
+    make the coordinates in the kernel (then p.x only gives the shape)."""
     import triton
 
     from ..kernels import fused_mlp as K
@@ -400,7 +402,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
     w, bias, mods, act = packed
     B, N, IN = p.x.shape
     M, L, OUT = B * N, p.num_layers, p.widths()[-1]
-    x = p.x.contiguous()
+    x = p.x.contiguous() if coord_grid is None else p.x
     y = torch.empty(B, N, OUT, device=x.device, dtype=x.dtype)
     final_act = _act_code(p.acts[-1].kind)
     z = torch.empty(L - 1, M, g.hid_pad, device=x.device, dtype=torch.float32) if save_z else None
@@ -415,6 +417,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
         x, w, bias if bias is not None else dummy,
         mods.get("scale", dummy), mods.get("shift", dummy), mods.get("mult", dummy), act,
         y, z if z is not None else dummy, zf if zf is not None else dummy,
+        *(coord_grid[:2] if coord_grid else (dummy, dummy)), coord_grid[3] if coord_grid else 0,
         N, IN, OUT, M,
         _stride0(w), _stride0(bias), _stride0(mods.get("scale")), _stride0(mods.get("shift")),
         _stride0(mods.get("mult")),
@@ -423,7 +426,8 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool):
         HAS_SCALE="scale" in mods, HAS_SHIFT="shift" in mods, HAS_MULT="mult" in mods,
         SAVE_Z=save_z, FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_OUT=g.block_out, num_warps=g.num_warps,
-        num_stages=g.num_stages,
+        num_stages=g.num_stages, GRID_DIMS=IN if coord_grid else 0,
+        GRID_AXES=coord_grid[2] if coord_grid else 0,
     )
     return y, z, zf
 
@@ -534,3 +538,35 @@ def _launch(p: MLPInputs) -> torch.Tensor:
         return reference_forward(p)
     y = _FusedMLPFunction.apply(p, p.x, *p.weights, *p.biases, *p.scale, *p.shift, *p.mult)
     return y.squeeze(0) if p.squeeze_batch else y
+
+
+def grid_evaluator(field, grid, device):
+    """For render(): chunk (start, count) -> values, with the coordinates made inside the
+    fused kernel, when `field` is a fused MLP module (it has fused_mlp_arguments()) and the
+    Triton backend serves it on `device`; else None."""
+    if not hasattr(field, "fused_mlp_arguments") or len(grid.shape) != field.in_features:
+        return None
+    arguments = field.fused_mlp_arguments()
+    probe = torch.empty(1, 1, grid.dims, device=device, dtype=arguments["weights"][0].dtype)
+    p0 = prepare_inputs(probe, **arguments)
+    tensors = [probe, *p0.weights, *[b for b in p0.biases if b is not None]]
+    ok = all(t.dtype in _KERNEL_DTYPES for t in tensors)
+    if backend.resolve("fused_mlp", *tensors, triton_dtypes_ok=ok) != "triton":
+        return None
+    axes = 0
+    for c, a in enumerate(grid.component_axes()):
+        axes |= a << (2 * c)
+    sizes = torch.tensor(grid.shape, dtype=torch.int64, device=device)
+    affine = torch.tensor([[grid.offset[a], grid.step[a]] for a in grid.component_axes()],
+                          dtype=torch.float32, device=device)
+    g = _Geometry.of(p0.widths(), p0.precision)
+    packed = _pack_params(p0, g)
+
+    def evaluate(start: int, count: int) -> torch.Tensor:
+        shape_only = probe.expand(1, count, grid.dims)  # no memory: the kernel makes x
+        p = dataclasses.replace(p0, x=shape_only)
+        y, _, _ = _launch_forward(p, g, packed, save_z=False,
+                                  coord_grid=(sizes, affine, axes, start))
+        return y[0]
+
+    return evaluate
