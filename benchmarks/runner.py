@@ -178,7 +178,13 @@ def run_case(case: Case, device: str, quick: bool, ceilings: dict, impls=None) -
         if device != "cuda" and name in case.gpu_only_impls:
             row["skipped"][name] = "needs a GPU"
             continue
-        t = time_callable(fn, device, reps=5 if quick else 10)
+        try:
+            t = time_callable(fn, device, reps=5 if quick else 10)
+        except Exception as exc:  # one broken implementation must not sink the whole run
+            row["skipped"][name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print(f"[bench] {case.name} / {name} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            continue
         row["impls"][name] = {
             **dataclasses.asdict(t),
             "coords_per_s": work.coords / (t.median_ms / 1e3),

@@ -95,3 +95,16 @@ def test_png_and_readme_from_results(tmp_path):
     text = readme.read_text()
     assert "From `results/h100-2026-11-22.json`" in text and "OLD GPU" not in text
     assert text.endswith(f"{report.README_END}\ntail\n") and "old\n" not in text
+
+
+def test_a_failing_implementation_is_recorded_not_fatal():
+    def build(device, quick):
+        def broken():
+            raise RuntimeError("boom")
+
+        return runner.Work(1.0, 1.0, 1), {"eager": lambda: None, "nfd_fast": broken}
+
+    row = runner.run_case(runner.Case("t", "", build), "cpu", True, {})
+    assert set(row["impls"]) == {"eager"}
+    assert row["skipped"]["nfd_fast"] == "failed: RuntimeError: boom"
+    assert "skipped: failed: RuntimeError: boom" in report.format_table({"rows": [row]})

@@ -194,6 +194,8 @@ def _use_kernel(op: str, *tensors) -> bool:
 def _draw_noise(x, generator, seed=None):
     if seed is not None:  # the reference cannot replay Philox: seed a torch generator instead
         generator = torch.Generator(x.device).manual_seed(int(seed))
+    if generator is None:  # randn_like also traces under torch.compile with dynamic shapes
+        return torch.randn_like(x, dtype=torch.float32)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
 
