@@ -19,7 +19,8 @@ setup(
     ],
     package_dir={"nfd_fast.kernels": "kernels", "nfd_fast.benchmarks": "benchmarks"},
     # torch is not pinned: a GPU user keeps the CUDA build they already have.
-    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    # tqdm: progress bars; pillow: PNG previews and images for `nfd-fast fit`
+    install_requires=["torch>=2.1", "numpy", "tqdm", "pillow"],
     extras_require={
         "triton": ["triton>=3.2"],
         # matplotlib draws the benchmark bar chart (`nfd-fast bench --png`)

@@ -252,9 +252,15 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if preview is not None and grid.dims != 2:
         raise ValueError(f"preview: needs a 2-D render, this one has {grid.dims} axes")
+    in_features = getattr(field, "in_features", None)
+    if isinstance(in_features, int) and in_features != grid.dims:
+        raise ValueError(f"field: takes {in_features}-D coordinates, the grid has {grid.dims} axes")
     evaluate = _evaluator(field, grid, device, dtype)
-    with torch.no_grad():
-        probe = evaluate(0, 1)
+    try:
+        with torch.no_grad():
+            probe = evaluate(0, 1)
+    except Exception as exc:
+        raise ValueError(f"field: failed on [1, {grid.dims}] coordinates ({type(exc).__name__}: {exc})") from exc
     if probe.dim() != 2 or probe.shape[0] != 1:
         raise ValueError(f"field: expected [N, C] values for [N, {grid.dims}] coordinates, got "
                          f"{list(probe.shape)}")
@@ -275,7 +281,9 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise PermissionError(f"out: cannot write into {out.parent}")
         np_dtype = torch.empty(0, dtype=probe.dtype).numpy().dtype
-        meta = {**grid.describe(), "channels": channels, "dtype": str(np_dtype), "chunk": chunk}
+        # through JSON once, so it compares equal to what a progress file holds
+        meta = json.loads(json.dumps({**grid.describe(), "channels": channels,
+                                      "dtype": str(np_dtype), "chunk": chunk}))
         progress_file = _Progress(out, rank, meta)
         finished = set()
         resuming = resume and out.exists()
