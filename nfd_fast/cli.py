@@ -38,6 +38,41 @@ def _bench(args) -> int:
     return 0
 
 
+def _fit(args) -> int:
+    from .fields_io import fit_image, load_image, save_field
+
+    image = load_image(args.image)
+    model, final_psnr = fit_image(image, hidden=args.hidden, layers=args.layers, steps=args.steps,
+                                  lr=args.lr, device=args.device)
+    save_field(args.out, model, image_shape=list(image.shape[:2]), psnr=final_psnr,
+               source=str(args.image))
+    print(f"fitted {args.image} ({image.shape[0]}x{image.shape[1]}x{image.shape[2]}): "
+          f"PSNR {final_psnr:.2f} dB; wrote {args.out}")
+    return 0
+
+
+def _shape(text: str) -> list:
+    try:
+        sizes = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 32768x32768, got {text!r}")
+    return sizes
+
+
+def _render(args) -> int:
+    from .fields_io import load_field
+    from .render import render
+
+    model, ckpt = load_field(args.field, device=args.device)
+    shape = args.shape or ckpt.get("image_shape")
+    if shape is None:
+        raise SystemExit("render: give --shape (the checkpoint records no image shape)")
+    out = render(model, shape, out=args.out, chunk_size=args.chunk_size, preview=args.preview,
+                 resume=not args.no_resume, progress=True)
+    print(f"wrote {out}" + (f" and {args.preview}" if args.preview else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nfd-fast", description="nfd_fast: fused kernels for "
                                      "neural fields and diffusion models")
@@ -52,12 +87,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--md", metavar="PATH", help="also write the markdown table")
     bench.add_argument("--png", metavar="PATH", help="also write a bar chart of speed-ups (matplotlib)")
     bench.set_defaults(func=_bench)
+
+    fit = sub.add_parser("fit", help="fit a Siren to an image and save a field checkpoint")
+    fit.add_argument("image", help="an image file (PNG, JPEG, ...)")
+    fit.add_argument("--out", required=True, help="checkpoint path (.pt)")
+    fit.add_argument("--hidden", type=int, default=256)
+    fit.add_argument("--layers", type=int, default=3, help="hidden layers")
+    fit.add_argument("--steps", type=int, default=500)
+    fit.add_argument("--lr", type=float, default=1e-4)
+    fit.add_argument("--device", help="default: cuda when available")
+    fit.set_defaults(func=_fit)
+
+    rend = sub.add_parser("render", help="render a field checkpoint on a (huge) grid to .npy")
+    rend.add_argument("field", help="a checkpoint written by `nfd-fast fit`")
+    rend.add_argument("--shape", type=_shape, help="e.g. 32768x32768 (default: the fitted image's)")
+    rend.add_argument("--out", required=True, help=".npy output path")
+    rend.add_argument("--preview", help="PNG path for a downscaled preview")
+    rend.add_argument("--chunk-size", type=int, help="points per chunk")
+    rend.add_argument("--no-resume", action="store_true", help="start over even if --out exists")
+    rend.add_argument("--device", help="default: cpu (cuda: pass --device cuda)")
+    rend.set_defaults(func=_render)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, PermissionError, FileNotFoundError) as exc:  # bad input: no traceback
+        print(f"nfd-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -64,6 +64,12 @@ class Siren(nn.Module):
         self.outermost_linear = outermost_linear
         self.in_features, self.out_features = in_features, out_features
         self.precision, self.fast_sine, self.recompute = precision, fast_sine, recompute
+        # the constructor arguments, so a checkpoint can rebuild the module
+        self.config = dict(in_features=in_features, hidden_features=hidden_features,
+                           hidden_layers=hidden_layers, out_features=out_features,
+                           outermost_linear=outermost_linear, first_omega_0=first_omega_0,
+                           hidden_omega_0=hidden_omega_0, precision=precision,
+                           fast_sine=fast_sine, recompute=recompute)
         layers = [SineLayer(in_features, hidden_features, is_first=True, omega_0=first_omega_0)]
         layers += [SineLayer(hidden_features, hidden_features, omega_0=hidden_omega_0)
                    for _ in range(hidden_layers)]
