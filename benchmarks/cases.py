@@ -290,3 +290,62 @@ for _config, _label in (("ddmi_image", "DDMI image fields 64^2/128^2/256^2 x 64,
                   gpu_only_impls=("nfd_fast[channels_last]", "nfd_fast[sorted]"),
                   targets=(Target("nfd_fast*", "speedup", 5.0, "eager",
                                   ISSUE_3 + " (backward >= 5x; judged on forward + backward)"),)))
+
+
+# ------------------------------------------------------------------- rendering (issue 5)
+ISSUE_5 = "issue 5 (H100)"
+
+
+def _build_gigapixel(device, quick):
+    """Siren 2->256x3->3 on a 32768^2 grid into device memory (quick 256^2). No eager
+    column: the eager reference needs minutes per gigapixel; the target is absolute."""
+    from nfd_fast.render import render
+
+    side = 256 if quick else 32768
+    torch.manual_seed(0)
+    base = Siren(2, 256, 3, 3).to(device)
+    impls = {}
+    for label, precision in (("nfd_fast", None), ("nfd_fast[bf16]", "bf16"), ("nfd_fast[fp16]", "fp16")):
+        model = Siren(2, 256, 3, 3, precision=precision).to(device)
+        model.load_state_dict(base.state_dict())
+        impls[label] = (lambda m: lambda: render(m, (side, side), progress=False))(model)
+    if quick:  # small enough for the reference too
+        impls["eager"] = _with_backend("torch", lambda: render(base, (side, side), progress=False))
+    n = side * side
+    return Work(mlp_flops((2, 256, 256, 256, 256, 3), n), n * 3 * 4, n), impls
+
+
+def _build_kplanes_query(device, quick):
+    """A 4-D space-time query: 128^3 x 64 points through K-planes (6 planes, 32 channels,
+    scales 64 and 128, product) and an MLP 64 -> 64 -> 3, chunked by render."""
+    import itertools
+
+    from nfd_fast.nn import FusedMLP, MultiScaleField
+    from nfd_fast.render import render
+
+    shape = (8, 8, 8, 4) if quick else (128, 128, 128, 64)
+    torch.manual_seed(0)
+    planes = list(itertools.combinations(range(4), 2))
+    field = MultiScaleField(planes, [[64, 64, 64, 32], [128, 128, 128, 64]], 32, combine="product",
+                            align_corners=True, init="kplanes", time_axis=3).to(device)
+    mlp = FusedMLP(64, 64, 3, hidden_layers=1, activation="relu").to(device)
+
+    def query(c):
+        return mlp(field(c.unsqueeze(0))[0])
+
+    def run():
+        return render(query, shape, progress=False, device=device, chunk_size=2**21)
+
+    impls = {"eager": _with_backend("torch", run), "nfd_fast": _with_backend("auto", run)}
+    n = 1
+    for s in shape:
+        n *= s
+    flops = 2.0 * n * (6 * 2 * 4 * 32 + 64 * 64 + 64 * 3)
+    return Work(flops, n * 3 * 4, n), impls
+
+
+register(Case("render_gigapixel", "Siren 2->256x3->3 rendered on 32768^2 (1.07e9 coords; quick 256^2)",
+              _build_gigapixel, gpu_only_impls=("nfd_fast[bf16]", "nfd_fast[fp16]"),
+              targets=(Target("nfd_fast*", "time", 1500.0, source=ISSUE_5 + ", fp16/bf16 compute"),)))
+register(Case("render_kplanes_4d", "4-D query 128^3 x 64 through K-planes + MLP (quick 8^3 x 4)",
+              _build_kplanes_query))

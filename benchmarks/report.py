@@ -52,7 +52,12 @@ def format_targets(report: dict) -> str:
             if t["met"] is None:
                 measured, verdict = "-", f"not judged: {t.get('why', '')}"
             else:
-                value = f"{t['value']:.0%}" if "roofline" in t["target"] else f"{t['value']:.2f}x"
+                if "roofline" in t["target"]:
+                    value = f"{t['value']:.0%}"
+                elif t["target"].endswith(" ms"):
+                    value = f"{t['value']:.1f} ms"
+                else:
+                    value = f"{t['value']:.2f}x"
                 measured, verdict = f"{value} ({t['impl']})", "met" if t["met"] else "MISSED"
             lines.append(f"| {row['case']} | {t['target']} | {t['source']} | {measured} | {verdict} |")
     return "\n".join(lines)

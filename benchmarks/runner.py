@@ -42,7 +42,8 @@ class Target:
     """A goal an issue sets for a case, judged on a GPU at the canonical size.
 
     kind "speedup": time(baseline) / time(impl) >= threshold;
-    kind "roofline": fraction of the measured roofline >= threshold.
+    kind "roofline": fraction of the measured roofline >= threshold;
+    kind "time": median milliseconds <= threshold.
     impl "nfd_fast*" means the fastest of the nfd_fast variants (named in the verdict).
     """
 
@@ -55,6 +56,8 @@ class Target:
     def label(self) -> str:
         if self.kind == "speedup":
             return f"{self.impl} >= {self.threshold:g}x {self.baseline}"
+        if self.kind == "time":
+            return f"{self.impl} <= {self.threshold:g} ms"
         return f"{self.impl} >= {self.threshold:.0%} of roofline"
 
 
@@ -219,6 +222,11 @@ def judge_target(target: Target, row: dict, canonical_gpu_run: bool) -> dict:
     if target.kind == "speedup":
         best = min(names, key=lambda n: impls[n]["median_ms"])
         value = impls[target.baseline]["median_ms"] / impls[best]["median_ms"]
+    elif target.kind == "time":
+        best = min(names, key=lambda n: impls[n]["median_ms"])
+        value = impls[best]["median_ms"]
+        verdict.update(value=value, impl=best, met=value <= target.threshold)
+        return verdict
     else:
         best = max(names, key=lambda n: impls[n]["roofline_fraction"] or 0.0)
         value = impls[best]["roofline_fraction"]

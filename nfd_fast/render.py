@@ -232,8 +232,10 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         bounds: per-axis (lo, hi); default (-1, 1) on every axis.
         out: None (return a tensor [*shape, C]) or a .npy path to write.
         chunk_size: points per chunk (default 2^22 on CUDA, 2^18 on CPU).
-        dtype: coordinate dtype (default float32); values are stored in the field's dtype.
-        device: where coordinates are made (default: the field's parameters' device).
+        dtype: dtype of the stored values (default: the field's output dtype), e.g.
+            torch.float16 to halve a gigapixel file.
+        device: where coordinates are made (default: the field's parameters' device);
+            coordinates take the dtype of the field's parameters (float32 without any).
         resume: continue an interrupted render of the same grid into `out`.
         region: per-axis slices of the virtual grid (crop / strided sub-grid).
         preview: PNG path for a downscaled preview of a 2-D render with 1, 3 or 4 channels
@@ -242,11 +244,11 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
     Returns: the tensor, or the output Path.
     """
     grid = GridSpec(shape, bounds, region, pixel_centers, indexing)
+    params = list(field.parameters()) if isinstance(field, torch.nn.Module) else []
     if device is None:
-        params = list(field.parameters()) if isinstance(field, torch.nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
-    dtype = dtype or torch.float32
+    coord_dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
     chunk = int(chunk_size or (2**22 if device.type == "cuda" else 2**18))
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -255,7 +257,7 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
     in_features = getattr(field, "in_features", None)
     if isinstance(in_features, int) and in_features != grid.dims:
         raise ValueError(f"field: takes {in_features}-D coordinates, the grid has {grid.dims} axes")
-    evaluate = _evaluator(field, grid, device, dtype)
+    evaluate = _evaluator(field, grid, device, coord_dtype)
     try:
         with torch.no_grad():
             probe = evaluate(0, 1)
@@ -265,6 +267,7 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         raise ValueError(f"field: expected [N, C] values for [N, {grid.dims}] coordinates, got "
                          f"{list(probe.shape)}")
     channels = probe.shape[1]
+    out_dtype = dtype or probe.dtype
     if preview is not None and channels not in (1, 3, 4):
         raise ValueError(f"preview: needs 1, 3 or 4 channels, the field gives {channels}")
     num_chunks = math.ceil(grid.numel / chunk)
@@ -272,7 +275,7 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
     mine = [c for c in range(num_chunks) if c % world == rank]
 
     if out is None:
-        result = torch.empty(grid.numel, channels, dtype=probe.dtype, device=device)
+        result = torch.empty(grid.numel, channels, dtype=out_dtype, device=device)
         sink = lambda start, values: result[start:start + len(values)].copy_(values)  # noqa: E731
         writer = progress_file = None
         todo = mine
@@ -280,7 +283,7 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         out = Path(out)
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise PermissionError(f"out: cannot write into {out.parent}")
-        np_dtype = torch.empty(0, dtype=probe.dtype).numpy().dtype
+        np_dtype = torch.empty(0, dtype=out_dtype).numpy().dtype
         # through JSON once, so it compares equal to what a progress file holds
         meta = json.loads(json.dumps({**grid.describe(), "channels": channels,
                                       "dtype": str(np_dtype), "chunk": chunk}))
@@ -315,7 +318,7 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         for c in todo:
             start = c * chunk
             count = min(chunk, grid.numel - start)
-            values = evaluate(start, count)
+            values = evaluate(start, count).to(out_dtype)
             sink(start, values)
             if pre is not None:
                 pre.add(start, values.float().cpu().numpy())

@@ -59,6 +59,14 @@ def test_grid_equals_field_on_explicit_coordinates(shape, options):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_output_dtype_and_float64_fields(tmp_path):
+    half = render(poly_field, (5, 6), out=tmp_path / "h.npy", dtype=torch.float16, progress=False)
+    assert np.load(half).dtype == np.float16
+    siren = Siren(2, 16, 1, 1).double()
+    with nfd_fast.use_backend("torch"):
+        assert render(siren, (4, 4), progress=False).dtype == torch.float64
+
+
 def test_file_output_is_complete_and_leaves_no_records(tmp_path):
     out = tmp_path / "grid.npy"
     path = render(poly_field, (31, 19, 2), out=out, chunk_size=100, progress=False)
