@@ -140,6 +140,25 @@ def record_diffusion():
     return calls
 
 
+def record_render():
+    """The fused forward with coordinates made in the kernel (render's fused path)."""
+    import nfd_fast
+    from nfd_fast.nn import Siren
+
+    calls = []
+    saved = K.fused_mlp_fwd_kernel
+    K.fused_mlp_fwd_kernel = _Recorder(saved, calls)
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the op route CPU tensors; kernels stay compiled
+    try:
+        with nfd_fast.use_backend("triton"):
+            nfd_fast.render(Siren(2, 256, 3, 3, precision="bf16"), (64, 64), progress=False,
+                            indexing="xy", chunk_size=1024)
+    finally:
+        K.fused_mlp_fwd_kernel = saved
+        del os.environ["TRITON_INTERPRET"]
+    return calls[:1]
+
+
 def record_grid_lookup():
     """Forward and backward launches of grid_lookup for the DDMI and K-planes layouts."""
     import nfd_fast
@@ -206,6 +225,11 @@ def main(argv=None) -> int:
         c = compile_launch(fn, a, kw)
         label = f"MODE={kw['MODE']} NOISE={kw['NOISE']} CFG={kw['CFG']}"
         print(f"{fn.__name__:28} {label:24} {_DTYPE_NAMES[a[2].dtype]:9} {'':40} "
+              f"{ptxas_report(c)} {c.metadata.shared}", flush=True)
+    for fn, a, kw in record_render():
+        c = compile_launch(fn, a, kw)
+        label = f"GRID_DIMS={kw['GRID_DIMS']} AXES={kw['GRID_AXES']}"
+        print(f"{fn.__name__:28} {label:24} {'bf16':9} {'render':40} "
               f"{ptxas_report(c)} {c.metadata.shared}", flush=True)
     for fn, a, kw in record_grid_lookup():
         c = compile_launch(fn, a, kw)
