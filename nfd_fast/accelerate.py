@@ -1,0 +1,316 @@
+"""Swap fused kernels into an existing PyTorch model without rewriting it.
+
+accelerate(model) traces the model's forward with torch.fx, so a chain of layers is found
+however the model nests or spells it, and replaces every run of linear maps with
+activations by one fused_mlp call:
+- a linear map: nn.Linear, or F.linear on a layer's own weight / bias parameters;
+- between two linear maps: sin(w0 * z) (w0 a constant; written inline or in a Sine
+  module; z * w0 and plain sin(z) too), ReLU, GELU (exact), SiLU, LeakyReLU (optionally
+  times a constant gain), and any number of nn.Identity / nn.Dropout(p=0) / F.dropout(p=0);
+- optionally an activation after the last linear map.
+The fused call reads the model's own parameter tensors (get_attr of the same names), so
+training continues, state_dict keys are unchanged and an optimizer built before keeps
+working. Everything else stays as it was. A run needs >= 2 linear maps whose widths the
+kernel takes (in <= 64, hidden <= 512, out <= 64) and whose intermediate values are used
+by nothing else; what is left alone is reported with the reason.
+
+The model keeps its class and parameters; its forward is replaced by the rewritten graph's
+(deaccelerate(model) restores it). Modulated layers (FiLM, multiplicative) break a run:
+accelerate leaves them to the model's own code.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import operator
+import types
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .backend import use_backend
+from .ops.fused_mlp import MAX_HIDDEN, MAX_IN, MAX_OUT, fused_mlp
+
+_SIN = {torch.sin}
+_MUL = {operator.mul, torch.mul}
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu",
+                  F.leaky_relu: "leaky_relu"}
+_ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.LeakyReLU: "leaky_relu"}
+_ATTR = "_nfd_fast_acceleration"
+
+
+@dataclasses.dataclass
+class AccelerationReport:
+    """What accelerate() replaced and what it left alone, and why."""
+
+    replaced: list = dataclasses.field(default_factory=list)
+    left_alone: list = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"nfd_fast.accelerate: {len(self.replaced)} fused run(s)"]
+        for r in self.replaced:
+            acts = ", ".join(f"sine(w0={w:g})" if a == "sine" else a for a, w in zip(r["activations"], r["w0"]))
+            lines.append(f"  fused: {' -> '.join(r['layers'])}  [{acts}; final {r['final']}]")
+        for name, why in self.left_alone:
+            lines.append(f"  left alone: {name}: {why}")
+        return "\n".join(lines)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps nfd_fast's own modules whole (they are fused already)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m).__module__.startswith("nfd_fast."):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _const(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+class _Matcher:
+    """Recognises the pieces of a run in a traced graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+
+    def module(self, node):
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def linear(self, node):
+        """(input, weight name, bias name or None, display name) if node is a linear map."""
+        m = self.module(node)
+        if isinstance(m, nn.Linear):
+            return node.args[0], f"{node.target}.weight", (f"{node.target}.bias" if m.bias is not None else None), node.target
+        if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
+            args = list(node.args) + [node.kwargs.get("bias")] * (3 - len(node.args))
+            w, b = args[1], args[2]
+            if isinstance(w, fx.Node) and w.op == "get_attr" and (b is None or (isinstance(b, fx.Node) and b.op == "get_attr")):
+                return args[0], w.target, (b.target if b is not None else None), w.target.rsplit(".", 1)[0]
+        return None
+
+    def passthrough(self, node) -> bool:
+        m = self.module(node)
+        if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0):
+            return True
+        if node.op == "call_function" and node.target is F.dropout:
+            p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            return p == 0
+        return False
+
+    def activation(self, node):
+        """(kind, w0 or slope, gain, last node) for an activation starting at node, else None."""
+        m = self.module(node)
+        scale = self.const_mul(node)
+        if scale is not None and len(node.users) == 1:
+            nxt = next(iter(node.users))
+            if self.is_sin(nxt):
+                return "sine", scale[0], 1.0, nxt
+        if self.is_sin(node):
+            return "sine", 1.0, 1.0, node
+        kind, slope = None, 0.01
+        if m is not None and type(m) in _ACT_MODULES:
+            kind = _ACT_MODULES[type(m)]
+            if isinstance(m, nn.GELU) and m.approximate != "none":
+                return None
+            slope = getattr(m, "negative_slope", slope)
+        elif node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+            kind = _ACT_FUNCTIONS[node.target]
+            if kind == "gelu" and node.kwargs.get("approximate", "none") != "none":
+                return None
+            if kind == "leaky_relu":
+                slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+        elif node.op == "call_method" and node.target == "relu":
+            kind = "relu"
+        if kind is None:
+            return None
+        gain, last = 1.0, node
+        if kind == "leaky_relu" and len(node.users) == 1:
+            g = self.const_mul(next(iter(node.users)))
+            if g is not None:
+                gain, last = g[0], next(iter(node.users))
+        return kind, float(slope), gain, last
+
+    def is_sin(self, node) -> bool:
+        return (node.op == "call_function" and node.target in _SIN) or \
+            (node.op == "call_method" and node.target == "sin")
+
+    def const_mul(self, node):
+        """(constant,) if node multiplies its single tensor input by a constant."""
+        if not ((node.op == "call_function" and node.target in _MUL) or
+                (node.op == "call_method" and node.target == "mul")):
+            return None
+        a, b = node.args[0], node.args[1]
+        if _const(a) is not None and isinstance(b, fx.Node):
+            return (_const(a),)
+        if _const(b) is not None and isinstance(a, fx.Node):
+            return (_const(b),)
+        return None
+
+
+def _only_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _find_run(start, matcher):
+    """Follow the chain from linear node `start`: (layers, acts, last node)."""
+    layers, acts = [start], []
+    node, final = start, None
+    while True:
+        nxt = _only_user(node)
+        while nxt is not None and matcher.passthrough(nxt):
+            node, nxt = nxt, _only_user(nxt)
+        act = matcher.activation(nxt) if nxt is not None else None
+        if act is None:
+            break
+        kind, param, gain, last = act
+        after = _only_user(last)
+        while after is not None and matcher.passthrough(after):
+            after = _only_user(after)
+        lin = matcher.linear(after) if after is not None else None
+        if lin is None or _trace_back(lin[0], matcher) is not last:
+            final = act
+            node = last
+            break
+        acts.append((kind, param, gain))
+        layers.append(after)
+        node = after
+    return layers, acts, final, node
+
+
+def _trace_back(node, matcher):
+    """The node behind any passthroughs feeding `node`."""
+    while isinstance(node, fx.Node) and matcher.passthrough(node):
+        node = node.args[0]
+    return node
+
+
+def _fused_run(x, *params, spec):
+    """The replacement of one run: fused_mlp on x flattened to [N, in]."""
+    weights, biases, i = [], [], 0
+    for has_bias in spec["has_bias"]:
+        weights.append(params[i])
+        i += 1
+        biases.append(params[i] if has_bias else None)
+        i += has_bias
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    kwargs = dict(activation=spec["activations"], w0=spec["w0"],
+                  final_activation=spec["final"], final_w0=spec["final_w0"],
+                  leaky_slope=spec["slope"], leaky_gain=spec["gain"])
+    if spec["backend"] == "auto":
+        y = fused_mlp(x2, weights, biases, **kwargs)
+    else:
+        with use_backend(spec["backend"]):
+            y = fused_mlp(x2, weights, biases, **kwargs)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _spec_of(layers, acts, final, matcher, gm, backend):
+    """The fused_mlp arguments of a run, or the reason it cannot be fused."""
+    infos = [matcher.linear(n) for n in layers]
+    shapes = [gm.get_parameter(w).shape if _is_param(gm, w) else None for _, w, _, _ in infos]
+    if any(s is None or len(s) != 2 for s in shapes):
+        return None, "a weight is not a 2-D parameter"
+    widths = [shapes[0][1]] + [s[0] for s in shapes]
+    for a, b in zip(shapes[:-1], shapes[1:]):
+        if a[0] != b[1]:
+            return None, "widths do not chain"
+    if widths[0] > MAX_IN or widths[-1] > MAX_OUT or max(widths[1:-1]) > MAX_HIDDEN:
+        return None, (f"widths {widths} outside the kernel's range (in <= {MAX_IN}, hidden <= "
+                      f"{MAX_HIDDEN}, out <= {MAX_OUT})")
+    all_acts = acts + ([final[:3]] if final else [])
+    leaky = {(p, g) for k, p, g in all_acts if k == "leaky_relu"}
+    if len(leaky) > 1:
+        return None, "leaky_relu layers with different slopes or gains"
+    if any(g != 1.0 for k, _, g in all_acts if k != "leaky_relu"):
+        return None, "a gain after a non-leaky activation"
+    slope, gain = next(iter(leaky)) if leaky else (0.01, 1.0)
+    spec = dict(activations=[k for k, _, _ in acts], w0=[p if k == "sine" else 30.0 for k, p, _ in acts],
+                final=final[0] if final else "identity",
+                final_w0=final[1] if final and final[0] == "sine" else None,
+                slope=slope, gain=gain, has_bias=[b is not None for _, _, b, _ in infos],
+                backend=backend)
+    return spec, None
+
+
+def _is_param(gm, name) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def accelerate(model: nn.Module, *, backend: str = "auto", inplace: bool = True,
+               example_inputs=None):
+    """Fuse the linear/activation runs of `model` (see the module docstring).
+
+    Returns the model (a deep copy when inplace=False) with `.acceleration_report`
+    (printable). Calling it again on an accelerated model re-traces the original forward.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    deaccelerate(model)
+    report = AccelerationReport()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # data-dependent control flow and the like
+        report.left_alone.append(("model", f"could not be traced by torch.fx ({type(exc).__name__}: {exc})"))
+        model.acceleration_report = report
+        return model
+    gm = fx.GraphModule(model, graph)
+    matcher = _Matcher(gm)
+    consumed = set()
+    for node in list(gm.graph.nodes):
+        if node in consumed or matcher.linear(node) is None:
+            continue
+        layers, acts, final, last = _find_run(node, matcher)
+        consumed.update(layers)  # fused or not, a run is reported once
+        names = [matcher.linear(n)[3] for n in layers]
+        if len(layers) < 2:
+            report.left_alone.append((names[0], "a single linear map (nothing to fuse)"))
+            continue
+        spec, why = _spec_of(layers, acts, final, matcher, gm, backend)
+        if spec is None:
+            report.left_alone.append((" -> ".join(names), why))
+            continue
+        with gm.graph.inserting_before(last):
+            params = []
+            for n in layers:
+                _, w, b, _ = matcher.linear(n)
+                params.append(gm.graph.get_attr(w))
+                if b is not None:
+                    params.append(gm.graph.get_attr(b))
+            fused = gm.graph.call_function(_fused_run, (matcher.linear(layers[0])[0], *params), {"spec": spec})
+        last.replace_all_uses_with(fused)  # the run's own nodes are now dead code
+        report.replaced.append({"layers": names, "activations": spec["activations"],
+                                "w0": spec["w0"], "final": spec["final"]})
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    original = model.__dict__.get("forward")
+    object.__setattr__(model, _ATTR, (original, gm))  # not a submodule: state_dict unchanged
+    model.forward = types.MethodType(lambda self, *a, **k: getattr(self, _ATTR)[1](*a, **k), model)
+    model.acceleration_report = report
+    return model
+
+
+def deaccelerate(model: nn.Module) -> nn.Module:
+    """Undo accelerate(): the model's own forward runs again."""
+    state = model.__dict__.pop(_ATTR, None)
+    if state is not None:
+        original, _ = state
+        if original is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = original
+        model.__dict__.pop("acceleration_report", None)
+    return model

@@ -1,0 +1,219 @@
+"""accelerate(): models written the ways SIREN / MLP code is commonly written get their
+linear+activation runs fused; outputs, gradients and training agree; keys unchanged."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nfd_fast
+from nfd_fast.accelerate import accelerate, deaccelerate
+
+from conftest import DEVICE, rel_err
+
+
+# --- SIREN reference notebook style: SineLayer(linear, omega_0), nn.Sequential, final Linear
+class SineLayer(nn.Module):
+    def __init__(self, i, o, is_first=False, omega_0=30.0):
+        super().__init__()
+        self.omega_0 = omega_0
+        self.linear = nn.Linear(i, o)
+        bound = 1 / i if is_first else math.sqrt(6 / i) / omega_0
+        nn.init.uniform_(self.linear.weight, -bound, bound)
+
+    def forward(self, x):
+        return torch.sin(self.omega_0 * self.linear(x))
+
+
+class NotebookSiren(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(SineLayer(2, 48, True, 30.0), SineLayer(48, 48), SineLayer(48, 48),
+                                 nn.Linear(48, 3))
+
+    def forward(self, coords):
+        return self.net(coords)
+
+
+# --- siren-pytorch style: own weight/bias + F.linear, Sine(w0) module, ModuleList loop,
+#     Dropout(0), last layer with an Identity activation
+class Sine(nn.Module):
+    def __init__(self, w0=1.0):
+        super().__init__()
+        self.w0 = w0
+
+    def forward(self, x):
+        return torch.sin(self.w0 * x)
+
+
+class PkgSirenLayer(nn.Module):
+    def __init__(self, i, o, w0=1.0, is_first=False, activation=None):
+        super().__init__()
+        w_std = (1 / i) if is_first else (math.sqrt(6 / i) / w0)
+        self.weight = nn.Parameter(torch.empty(o, i).uniform_(-w_std, w_std))
+        self.bias = nn.Parameter(torch.empty(o).uniform_(-w_std, w_std))
+        self.activation = Sine(w0) if activation is None else activation
+
+    def forward(self, x):
+        return self.activation(F.linear(x, self.weight, self.bias))
+
+
+class PkgSirenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([PkgSirenLayer(3, 32, w0=30.0, is_first=True),
+                                     PkgSirenLayer(32, 32, w0=2.0), PkgSirenLayer(32, 32, w0=2.0)])
+        self.dropout = nn.Dropout(0.0)
+        self.last_layer = PkgSirenLayer(32, 2, w0=2.0, activation=nn.Identity())
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = self.dropout(layer(x))
+        return self.last_layer(x)
+
+
+# --- inline z * w0 with the sine written as a method, in a custom container
+class InlineSiren(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({"a": nn.Linear(1, 40), "b": nn.Linear(40, 40), "c": nn.Linear(40, 1)})
+        for lin in self.blocks.values():
+            nn.init.uniform_(lin.weight, -0.2, 0.2)
+
+    def forward(self, t):
+        h = (self.blocks["a"](t) * 10.0).sin()
+        h = torch.sin(self.blocks["b"](h))
+        return self.blocks["c"](h)
+
+
+def relu_gelu_silu_mlp():
+    return nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Identity(),
+                         nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 5))
+
+
+class StyleGanMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.ModuleList([nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 8)])
+
+    def forward(self, x):
+        x = F.leaky_relu(self.fc[0](x), 0.2) * math.sqrt(2)
+        x = F.leaky_relu(self.fc[1](x), 0.2) * math.sqrt(2)
+        return self.fc[2](x)
+
+
+MODELS = {"notebook_siren": (NotebookSiren, 2, 1), "siren_pytorch": (PkgSirenNet, 3, 1),
+          "inline_siren": (InlineSiren, 1, 1), "relu_gelu_silu": (relu_gelu_silu_mlp, 3, 1),
+          "stylegan_leaky": (StyleGanMLP, 8, 1)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_backward_and_keys_agree(name):
+    make, dim, runs = MODELS[name]
+    torch.manual_seed(0)
+    model = make().to(DEVICE)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    accelerate(model, backend="triton")
+    report = model.acceleration_report
+    assert len(report.replaced) == runs, str(report)
+    assert list(model.state_dict()) == keys
+    x = torch.rand(3, 41, dim, device=DEVICE) * 2 - 1
+    y, y_ref = model(x), reference(x)
+    assert y.shape == y_ref.shape and rel_err(y, y_ref) < 1e-4
+    g = torch.randn(y.shape, device=DEVICE)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, n
+
+
+def test_report_names_the_run_and_w0s():
+    model = accelerate(NotebookSiren(), backend="torch")
+    text = str(model.acceleration_report)
+    assert "net.0.linear -> net.1.linear -> net.2.linear -> net.3" in text
+    assert "sine(w0=30)" in text and "final identity" in text
+
+
+def test_training_continues_with_the_same_optimizer():
+    torch.manual_seed(1)
+    model = PkgSirenNet().to(DEVICE)
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (model, twin)]
+    x = torch.rand(64, 3, device=DEVICE) * 2 - 1
+    target = torch.sin(3 * x[:, :2])
+
+    def step(m, opt):
+        loss = ((m(x) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(3):  # some steps before swapping: the optimizer has state
+        step(model, opts[0]), step(twin, opts[1])
+    accelerate(model, backend="triton")
+    for _ in range(5):
+        a, b = step(model, opts[0]), step(twin, opts[1])
+        assert abs(a - b) <= 1e-4 * b + 1e-7
+
+
+def test_runs_break_where_values_are_shared_and_unfusable_parts_stay():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(2, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.d, self.big = nn.Linear(16, 3), nn.Linear(16, 100)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h2 = torch.relu(self.b(h))
+            out = self.d(torch.relu(self.c(h2)) + h2)  # h2 is used twice: a run ends there
+            return out, self.big(h2)
+
+    torch.manual_seed(2)
+    model = Skip()
+    reference = copy.deepcopy(model)
+    accelerate(model, backend="triton")
+    report = model.acceleration_report
+    assert [r["layers"] for r in report.replaced] == [["a", "b"]]
+    assert report.replaced[0]["final"] == "relu"
+    assert any(name == "c" for name, _ in report.left_alone)
+    x = torch.rand(9, 2)
+    for got, want in zip(model(x), reference(x)):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_wide_layers_are_left_alone_with_the_reason():
+    model = accelerate(nn.Sequential(nn.Linear(100, 32), nn.ReLU(), nn.Linear(32, 2)), backend="torch")
+    (name, why), = model.acceleration_report.left_alone
+    assert "outside the kernel's range" in why and model.acceleration_report.replaced == []
+
+
+def test_deaccelerate_and_copy():
+    model = NotebookSiren()
+    copy_ = accelerate(model, inplace=False)
+    assert copy_ is not model and "forward" not in model.__dict__
+    assert copy_.acceleration_report.replaced
+    accelerate(model)
+    assert "forward" in model.__dict__
+    deaccelerate(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "acceleration_report")
+
+
+def test_untraceable_model_is_left_untouched():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return self.b(torch.relu(self.a(x)))
+            return self.b(self.a(x))
+
+    model = accelerate(Dynamic())
+    assert "could not be traced" in model.acceleration_report.left_alone[0][1]
+    assert model(torch.ones(3, 2)).shape == (3, 1)
