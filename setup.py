@@ -14,6 +14,8 @@ setup(
         "nfd_fast",
         "nfd_fast.ops",
         "nfd_fast.nn",
+        "nfd_fast.diffusion",
+        "nfd_fast.models",
         "nfd_fast.kernels",
         "nfd_fast.benchmarks",
     ],
