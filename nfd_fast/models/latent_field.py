@@ -2,8 +2,9 @@
 1-D signals, built on nfd_fast's fused ops.
 
     sparse observations --MLP encoder--> z0 (64-d) --modulated SIREN--> signal at any t
-    training: reconstruction MSE (dense target) + DDPM noise-prediction MSE on z0
-              (cosine schedule, T = 100, z0 detached so the encoder serves reconstruction)
+    training: reconstruction MSE (dense target) + DDPM noise-prediction MSE on the
+              standardised z0 (cosine schedule, T = 100; z0 detached so the encoder
+              serves reconstruction)
     generation: z_T ~ N(0, I) --DDIM (fused steps)--> z0 --decoder--> 64 .. 4096 points
 
 The decoder is a ModulatedSiren (functa-style shift modulations from the latent: one
@@ -95,6 +96,9 @@ class LatentFieldConfig:
     timesteps: int = 100
     conditional: bool = False
     cond_dropout: float = 0.1
+    # x0 clip while sampling, in standardised units: the cosine schedule's last step has
+    # alphas_cumprod ~ 0, where an unclipped x0 prediction explodes (latent std ~500)
+    sample_clip: Optional[float] = 4.0
 
 
 def interpolate_observations(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,6 +158,12 @@ class LatentField(nn.Module):
                                       first_omega_0=c.first_omega_0)
         self.denoiser = Denoiser(c.latent_dim, c.denoiser_width, c.conditional)
         self.schedule = NoiseSchedule("cosine", c.timesteps)
+        # Diffusion runs on standardised latents (the decoder's shift modulations keep z
+        # near 0.03 in scale, where the noise would swamp them): per-dimension mean and
+        # std, tracked as an exponential moving average while training (as LDM's scale factor).
+        self.register_buffer("latent_mean", torch.zeros(c.latent_dim))
+        self.register_buffer("latent_std", torch.ones(c.latent_dim))
+        self.latent_momentum = 0.05
 
     def to(self, *args, **kwargs):
         module = super().to(*args, **kwargs)
@@ -171,6 +181,13 @@ class LatentField(nn.Module):
         z0 = self.encoder(signals, mask)
         recon = ((self.decode(z0, signals.shape[1]) - signals) ** 2).mean()
         z0 = z0.detach()
+        if self.training:
+            with torch.no_grad():
+                mom = self.latent_momentum
+                self.latent_mean.lerp_(z0.mean(0), mom)
+                self.latent_std.lerp_(z0.std(0).clamp_min(1e-6) if len(z0) > 1 else self.latent_std, mom)
+        cond_latent = z0
+        z0 = self.standardise(z0)
         B = z0.shape[0]
         t = torch.randint(0, self.config.timesteps, (B,), device=z0.device, generator=generator)
         noise = torch.randn(z0.shape, device=z0.device, generator=generator)
@@ -178,9 +195,15 @@ class LatentField(nn.Module):
         cond = None
         if self.config.conditional:
             keep = torch.rand(B, 1, device=z0.device, generator=generator) >= self.config.cond_dropout
-            cond = z0 * keep
+            cond = cond_latent * keep
         diff = ((self.denoiser(z_t, t, cond) - noise) ** 2).mean()
         return {"reconstruction": recon, "diffusion": diff}
+
+    def standardise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.latent_mean) / self.latent_std
+
+    def unstandardise(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std + self.latent_mean
 
     @torch.no_grad()
     def reconstruct(self, signals: torch.Tensor, mask: torch.Tensor, resolution: Optional[int] = None):
@@ -201,7 +224,9 @@ class LatentField(nn.Module):
             uncond = torch.zeros_like(cond)
         z = sample(self.denoiser, (n, self.config.latent_dim), self.schedule, method="ddim",
                    steps=steps or self.config.timesteps, cond=cond, uncond=uncond,
-                   guidance_scale=guidance_scale if cond is not None else None, generator=generator)
+                   guidance_scale=guidance_scale if cond is not None else None, generator=generator,
+                   clip_sample=self.config.sample_clip)
+        z = self.unstandardise(z)
         x = self.decode(z, resolution)
         return (x, z) if return_latents else x
 
