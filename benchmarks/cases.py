@@ -349,3 +349,46 @@ register(Case("render_gigapixel", "Siren 2->256x3->3 rendered on 32768^2 (1.07e9
               targets=(Target("nfd_fast*", "time", 1500.0, source=ISSUE_5 + ", fp16/bf16 compute"),)))
 register(Case("render_kplanes_4d", "4-D query 128^3 x 64 through K-planes + MLP (quick 8^3 x 4)",
               _build_kplanes_query))
+
+
+# ------------------------------------------------------------------ approach 1 (issue 7)
+def _build_approach1(kind: str):
+    def build(device, quick):
+        from nfd_fast.models import LatentField
+        from nfd_fast.models.latent_field import observation_mask, toy_signals
+
+        torch.manual_seed(0)
+        model = LatentField().to(device)
+        batch = 32 if quick else 256
+        g = torch.Generator().manual_seed(0)
+        sets = [(toy_signals(batch, generator=g).to(device), observation_mask(batch, generator=g).to(device))
+                for _ in range(ROTATIONS)]
+        if kind == "train":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)  # tiny steps: the model stays comparable
+
+            def step(x, m):
+                losses = model.losses(x, m)
+                opt.zero_grad()
+                (losses["reconstruction"] + losses["diffusion"]).backward()
+                opt.step()
+
+            impls = {"eager": Rotating(_with_backend("torch", step), sets),
+                     "nfd_fast": Rotating(_with_backend("auto", step), sets)}
+            points = batch * 256
+        else:
+            steps = 10 if quick else 100
+
+            def generate():
+                return model.generate(batch, 256, steps=steps)
+
+            impls = {"eager": _with_backend("torch", generate), "nfd_fast": _with_backend("auto", generate)}
+            points = batch * 256
+        return Work(flops=0.0, bytes=4.0 * points, coords=points), impls
+
+    return build
+
+
+register(Case("approach1_train_step", "approach 1 dual-loss training step, batch 256 x 256 samples (quick 32)",
+              _build_approach1("train")))
+register(Case("approach1_sampling", "approach 1: 100 DDIM steps on 256 latents + decode at 256 points (quick 32, 10 steps)",
+              _build_approach1("sample")))

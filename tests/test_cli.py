@@ -38,3 +38,11 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "not an nfd_fast field checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["render", "f.pt", "--shape", "4xq", "--out", "o.npy"])
+
+
+def test_demo_writes_its_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--signals", "120", "--epochs", "2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out reconstruction MSE" in capsys.readouterr().out
