@@ -14,9 +14,11 @@ working. Everything else stays as it was. A run needs >= 2 linear maps whose wid
 kernel takes (in <= 64, hidden <= 512, out <= 64) and whose intermediate values are used
 by nothing else; what is left alone is reported with the reason.
 
-The model keeps its class and parameters; its forward is replaced by the rewritten graph's
-(deaccelerate(model) restores it). Modulated layers (FiLM, multiplicative) break a run:
-accelerate leaves them to the model's own code.
+Modulations are fused too when the model exposes them as tensors: FiLM (functa / COIN++:
+z = W h + b; z * scale + shift; then the activation) and multiplicative (siren-pytorch:
+sin(w0 z) * m). Per-sample modulations map to fused_mlp's [B, width] when the input is
+[B, N, in]; other shapes run the same math in PyTorch. The model keeps its class and
+parameters; its forward is replaced by the rewritten graph's (deaccelerate restores it).
 """
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ class AccelerationReport:
         lines = [f"nfd_fast.accelerate: {len(self.replaced)} fused run(s)"]
         for r in self.replaced:
             acts = ", ".join(f"sine(w0={w:g})" if a == "sine" else a for a, w in zip(r["activations"], r["w0"]))
-            lines.append(f"  fused: {' -> '.join(r['layers'])}  [{acts}; final {r['final']}]")
+            mods = [f"layer {i}: {'+'.join(m)}" for i, m in enumerate(r.get("modulations", [])) if m]
+            lines.append(f"  fused: {' -> '.join(r['layers'])}  [{acts}; final {r['final']}"
+                         f"{'; modulated ' + ', '.join(mods) if mods else ''}]")
         for name, why in self.left_alone:
             lines.append(f"  left alone: {name}: {why}")
         return "\n".join(lines)
@@ -154,34 +158,67 @@ class _Matcher:
         return None
 
 
+_BINARY = {"mul": ({operator.mul, torch.mul, operator.imul}, "mul"),
+           "add": ({operator.add, torch.add, operator.iadd}, "add")}
+
+
+def _external_operand(node, chain_node, kind):
+    """If `node` is chain_node (*|+) t with t a tensor from outside the run, return t."""
+    if node is None:
+        return None
+    functions, method = _BINARY[kind]
+    if not ((node.op == "call_function" and node.target in functions) or
+            (node.op == "call_method" and node.target == method)) or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if a is chain_node and isinstance(b, fx.Node) and b is not chain_node:
+        return b
+    if b is chain_node and isinstance(a, fx.Node):
+        return a
+    return None
+
+
 def _only_user(node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def _find_run(start, matcher):
-    """Follow the chain from linear node `start`: (layers, acts, last node)."""
-    layers, acts = [start], []
+    """Follow the chain from linear node `start`.
+
+    Returns (layers, acts, mods, final, last): the linear nodes; per hidden layer its
+    activation (kind, w0 or slope, gain) and modulation nodes {"scale", "shift", "mult"};
+    the final activation or None; the node whose value the fused call replaces."""
+    layers, acts, mods = [start], [], []
     node, final = start, None
     while True:
-        nxt = _only_user(node)
-        while nxt is not None and matcher.passthrough(nxt):
-            node, nxt = nxt, _only_user(nxt)
-        act = matcher.activation(nxt) if nxt is not None else None
+        cur = _only_user(node)
+        while cur is not None and matcher.passthrough(cur):
+            node, cur = cur, _only_user(cur)
+        layer_mods, prev = {}, node
+        for kind, op in (("scale", "mul"), ("shift", "add")):  # FiLM: scale * z + shift
+            t = _external_operand(cur, prev, op)
+            if t is not None:
+                layer_mods[kind], prev, cur = t, cur, _only_user(cur)
+        act = matcher.activation(cur) if cur is not None else None
         if act is None:
             break
         kind, param, gain, last = act
+        t = _external_operand(_only_user(last), last, "mul")  # sin(...) * m (siren-pytorch)
+        if t is not None:
+            layer_mods["mult"], last = t, _only_user(last)
         after = _only_user(last)
         while after is not None and matcher.passthrough(after):
             after = _only_user(after)
         lin = matcher.linear(after) if after is not None else None
         if lin is None or _trace_back(lin[0], matcher) is not last:
-            final = act
-            node = last
+            if not layer_mods:  # fused_mlp modulates hidden layers only
+                final, node = act, last
             break
         acts.append((kind, param, gain))
+        mods.append(layer_mods)
         layers.append(after)
         node = after
-    return layers, acts, final, node
+    return layers, acts, mods, final, node
 
 
 def _trace_back(node, matcher):
@@ -192,24 +229,75 @@ def _trace_back(node, matcher):
 
 
 def _fused_run(x, *params, spec):
-    """The replacement of one run: fused_mlp on x flattened to [N, in]."""
+    """The replacement of one run: fused_mlp, with the run's modulations mapped to its
+    [width] / [B, width] forms; shapes that do not map run the same math in PyTorch."""
     weights, biases, i = [], [], 0
     for has_bias in spec["has_bias"]:
         weights.append(params[i])
         i += 1
         biases.append(params[i] if has_bias else None)
         i += has_bias
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    kwargs = dict(activation=spec["activations"], w0=spec["w0"],
-                  final_activation=spec["final"], final_w0=spec["final_w0"],
-                  leaky_slope=spec["slope"], leaky_gain=spec["gain"])
+    mods = {"scale": [None] * len(spec["mods"]), "shift": [None] * len(spec["mods"]),
+            "mult": [None] * len(spec["mods"])}
+    for layer, kinds in enumerate(spec["mods"]):
+        for kind in kinds:
+            mods[kind][layer] = params[i]
+            i += 1
+    kwargs = dict(activation=spec["activations"], w0=spec["w0"], final_activation=spec["final"],
+                  final_w0=spec["final_w0"], leaky_slope=spec["slope"], leaky_gain=spec["gain"])
     if spec["backend"] == "auto":
-        y = fused_mlp(x2, weights, biases, **kwargs)
-    else:
-        with use_backend(spec["backend"]):
-            y = fused_mlp(x2, weights, biases, **kwargs)
-    return y.reshape(*lead, y.shape[-1])
+        return _run_with_modulations(x, weights, biases, mods, kwargs, spec)
+    with use_backend(spec["backend"]):
+        return _run_with_modulations(x, weights, biases, mods, kwargs, spec)
+
+
+def _kernel_modulation(m, x, width):
+    """m as [width] (shared) or [B, width] for x [B, N, in]; None if it maps to neither."""
+    if not isinstance(m, torch.Tensor):
+        return None
+    if m.numel() == width:
+        return m.reshape(width)
+    if x.dim() == 3 and m.dim() >= 2 and m.shape[0] == x.shape[0] and m.numel() == x.shape[0] * width \
+            and all(s == 1 for s in m.shape[1:-1]):
+        return m.reshape(x.shape[0], width)
+    return None
+
+
+def _run_with_modulations(x, weights, biases, mods, kwargs, spec):
+    used = any(m is not None for ms in mods.values() for m in ms)
+    if not used:
+        lead = x.shape[:-1]
+        y = fused_mlp(x.reshape(-1, x.shape[-1]), weights, biases, **kwargs)
+        return y.reshape(*lead, y.shape[-1])
+    widths = [w.shape[0] for w in weights[:-1]]
+    mapped = {k: [None if m is None else _kernel_modulation(m, x, widths[l]) for l, m in enumerate(ms)]
+              for k, ms in mods.items()}
+    fits = all((m is None) == (k is None) for key in mods for m, k in zip(mods[key], mapped[key]))
+    if fits and x.dim() in (2, 3) and (x.dim() == 3 or all(
+            k is None or k.dim() == 1 for ks in mapped.values() for k in ks)):
+        return fused_mlp(x, weights, biases, **mapped, **kwargs)
+    return _modulated_eager(x, weights, biases, mods, spec)
+
+
+def _modulated_eager(x, weights, biases, mods, spec):
+    """The run as the model wrote it, for modulation shapes the kernel does not take."""
+    from .ops.fused_mlp import LayerActivation, apply_activation
+
+    h = x
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        h = F.linear(h, w, b)
+        if l == len(weights) - 1:
+            return apply_activation(h, LayerActivation(spec["final"], spec["final_w0"] or 30.0,
+                                                       spec["slope"], spec["gain"]))
+        if mods["scale"][l] is not None:
+            h = h * mods["scale"][l]
+        if mods["shift"][l] is not None:
+            h = h + mods["shift"][l]
+        h = apply_activation(h, LayerActivation(spec["activations"][l], spec["w0"][l],
+                                                spec["slope"], spec["gain"]))
+        if mods["mult"][l] is not None:
+            h = h * mods["mult"][l]
+    return h
 
 
 def _spec_of(layers, acts, final, matcher, gm, backend):
@@ -273,13 +361,15 @@ def accelerate(model: nn.Module, *, backend: str = "auto", inplace: bool = True,
     for node in list(gm.graph.nodes):
         if node in consumed or matcher.linear(node) is None:
             continue
-        layers, acts, final, last = _find_run(node, matcher)
+        layers, acts, mods, final, last = _find_run(node, matcher)
         consumed.update(layers)  # fused or not, a run is reported once
         names = [matcher.linear(n)[3] for n in layers]
         if len(layers) < 2:
             report.left_alone.append((names[0], "a single linear map (nothing to fuse)"))
             continue
         spec, why = _spec_of(layers, acts, final, matcher, gm, backend)
+        if spec is not None:
+            spec["mods"] = [sorted(m) for m in mods]
         if spec is None:
             report.left_alone.append((" -> ".join(names), why))
             continue
@@ -290,10 +380,12 @@ def accelerate(model: nn.Module, *, backend: str = "auto", inplace: bool = True,
                 params.append(gm.graph.get_attr(w))
                 if b is not None:
                     params.append(gm.graph.get_attr(b))
+            params += [m[k] for m in mods for k in sorted(m)]
             fused = gm.graph.call_function(_fused_run, (matcher.linear(layers[0])[0], *params), {"spec": spec})
         last.replace_all_uses_with(fused)  # the run's own nodes are now dead code
         report.replaced.append({"layers": names, "activations": spec["activations"],
-                                "w0": spec["w0"], "final": spec["final"]})
+                                "w0": spec["w0"], "final": spec["final"],
+                                "modulations": [sorted(m) for m in mods]})
     gm.graph.eliminate_dead_code()
     gm.recompile()
     original = model.__dict__.get("forward")

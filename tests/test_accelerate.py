@@ -128,6 +128,7 @@ def test_forward_backward_and_keys_agree(name):
     (y_ref * g).sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert rel_err(p.grad, q.grad) < 1e-4, n
+    assert bool(calls) != kernel  # the kernel path, or the fallback, as expected
 
 
 def test_report_names_the_run_and_w0s():
@@ -217,3 +218,81 @@ def test_untraceable_model_is_left_untouched():
     model = accelerate(Dynamic())
     assert "could not be traced" in model.acceleration_report.left_alone[0][1]
     assert model(torch.ones(3, 2)).shape == (3, 1)
+
+
+# --- modulated SIRENs ------------------------------------------------------------------
+class MultiplicativeSiren(nn.Module):
+    """siren-pytorch's SirenWrapper pattern: x = layer(x); x *= mod (b () d)."""
+
+    def __init__(self, per_point=False):
+        super().__init__()
+        self.layers = nn.ModuleList([PkgSirenLayer(2, 32, w0=30.0, is_first=True), PkgSirenLayer(32, 32, w0=2.0)])
+        self.last = PkgSirenLayer(32, 3, w0=2.0, activation=nn.Identity())
+        self.modulator = nn.Linear(8, 32)
+        self.per_point = per_point
+
+    def forward(self, coords, latent):
+        x = coords
+        for layer in self.layers:
+            mod = torch.sigmoid(self.modulator(latent))
+            mod = mod.unsqueeze(1) if not self.per_point else mod.unsqueeze(1) * coords[..., :1]
+            x = layer(x)
+            x = x * mod
+        return self.last(x)
+
+
+class FunctaSiren(nn.Module):
+    """functa / COIN++: x = Linear(x); x = scale * x + shift; x = sin(w0 x); per sample."""
+
+    def __init__(self, with_scale):
+        super().__init__()
+        self.lins = nn.ModuleList([nn.Linear(2, 32), nn.Linear(32, 32), nn.Linear(32, 1)])
+        for lin in self.lins:
+            nn.init.uniform_(lin.weight, -0.3, 0.3)
+        self.to_mods = nn.Linear(16, 2 * 2 * 32)
+        self.with_scale = with_scale
+
+    def forward(self, coords, latent):
+        mods = self.to_mods(latent).view(latent.shape[0], 2, 2, 1, 32)
+        x = coords
+        for i, lin in enumerate(self.lins[:-1]):
+            x = lin(x)
+            if self.with_scale:
+                x = (1 + mods[:, 1, i]) * x
+            x = x + mods[:, 0, i]
+            x = torch.sin(3.0 * x)
+        return self.lins[-1](x)
+
+
+@pytest.mark.parametrize("make, latent_dim, kinds, kernel", [
+    (lambda: MultiplicativeSiren(), 8, [["mult"], ["mult"]], True),
+    (lambda: FunctaSiren(False), 16, [["shift"], ["shift"]], True),
+    (lambda: FunctaSiren(True), 16, [["scale", "shift"], ["scale", "shift"]], True),
+    # a per-point modulation has no [B, width] form: the same math runs in PyTorch
+    (lambda: MultiplicativeSiren(per_point=True), 8, [["mult"], ["mult"]], False),
+])
+def test_modulation_patterns_are_fused(make, latent_dim, kinds, kernel, monkeypatch):
+    import nfd_fast.accelerate as acc
+
+    real_eager = acc._modulated_eager
+    calls = []
+    monkeypatch.setattr(acc, "_modulated_eager", lambda *a: calls.append(1) or real_eager(*a))
+    torch.manual_seed(3)
+    model = make().to(DEVICE)
+    reference = copy.deepcopy(model)
+    accelerate(model, backend="triton")
+    (run,) = model.acceleration_report.replaced
+    assert run["modulations"] == kinds, str(model.acceleration_report)
+    coords = torch.rand(3, 37, 2, device=DEVICE) * 2 - 1
+    latent = torch.randn(3, latent_dim, device=DEVICE)
+    latent_ref = latent.clone().requires_grad_()
+    latent.requires_grad_()
+    y, y_ref = model(coords, latent), reference(coords, latent_ref)
+    assert rel_err(y, y_ref) < 1e-4
+    g = torch.randn(y.shape, device=DEVICE)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert rel_err(latent.grad, latent_ref.grad) < 1e-4
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, n
+    assert bool(calls) != kernel  # the kernel path, or the fallback, as expected
