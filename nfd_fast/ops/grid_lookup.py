@@ -104,8 +104,8 @@ def _read_factor(coords: torch.Tensor, field: torch.Tensor, axes, align_corners:
         grid = torch.stack([g[..., axes[0]], torch.zeros_like(g[..., 0])], dim=-1)
     else:
         grid = g[..., list(axes)]
-    grid = grid.view(B, N, *([1] * (len(grid.shape) - 2 + (len(axes) == 3))), grid.shape[-1]) \
-        if len(axes) == 3 else grid.view(B, N, 1, grid.shape[-1])
+    # grid_sample wants [B, H_out, W_out, 2] (planes) or [B, D_out, H_out, W_out, 3] (volumes)
+    grid = grid.view(B, N, 1, 1, 3) if len(axes) == 3 else grid.view(B, N, 1, 2)
     out = F.grid_sample(f, grid, mode="bilinear", padding_mode=padding_mode, align_corners=align_corners)
     return out.reshape(B, f.shape[1], N).transpose(1, 2)
 
@@ -200,7 +200,8 @@ def _kernel_dtype(dtype):
 BLOCK_N, MAX_BLOCK_C, NUM_WARPS = 32, 64, 8
 
 
-def _launch_args(spec, s, coords, C):
+def _launch_args(coords, C):
+    """(grid, BLOCK_N, BLOCK_C) of one scale's launch."""
     from triton import cdiv
 
     B, N, _ = coords.shape
@@ -240,7 +241,7 @@ class _GridLookupFunction(torch.autograd.Function):
         out = torch.empty(B, N, F_total, device=coords.device, dtype=flat[0].dtype)
         for s in range(spec.num_scales):
             scale = flat[s * P:(s + 1) * P]
-            grid, block_n, block_c = _launch_args(spec, s, coords, spec.channels[s])
+            grid, block_n, block_c = _launch_args(coords, spec.channels[s])
             K.grid_lookup_fwd_kernel[grid](
                 coords_c, _table(scale, spec.planes, B), out, N, F_total, spec.channels[s], cols[s],
                 D=D, P=P, FACTORS=spec.factors, COMBINE=COMBINES.index(spec.combine),
@@ -269,7 +270,7 @@ class _GridLookupFunction(torch.autograd.Function):
             perm = _cell_order(coords, flat[(spec.num_scales - 1) * P], spec.planes[0], spec.align_corners)
         for s in range(spec.num_scales):
             scale = flat[s * P:(s + 1) * P]
-            grid, block_n, block_c = _launch_args(spec, s, coords, spec.channels[s])
+            grid, block_n, block_c = _launch_args(coords, spec.channels[s])
             K.grid_lookup_bwd_kernel[grid](
                 coords, _table(scale, spec.planes, B), _table(dfields[s * P:(s + 1) * P], spec.planes, B),
                 grad_out, dcoords, perm, N, F_total, spec.channels[s], cols[s],
