@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import operator
 import types
 from typing import Optional

@@ -290,6 +290,7 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         progress_file = _Progress(out, rank, meta)
         finished = set()
         resuming = resume and out.exists()
+        _barrier(world)  # every rank has looked before rank 0 creates the file
         if resuming:
             if progress_file.has_records():
                 finished = _Progress.finished_chunks(out, meta)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import nfd_fast
 from nfd_fast.accelerate import accelerate, deaccelerate
 
 from conftest import DEVICE, rel_err

@@ -6,7 +6,6 @@ import torch
 
 import nfd_fast
 from nfd_fast import backend
-from nfd_fast.ops import fused_mlp
 
 from conftest import DEVICE
 

@@ -8,7 +8,7 @@ import torch
 
 import nfd_fast
 from nfd_fast.ops import fused_mlp
-from nfd_fast.ops.fused_mlp import ACTIVATIONS, prepare_inputs, reference_forward
+from nfd_fast.ops.fused_mlp import ACTIVATIONS
 
 from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, rel_err
 

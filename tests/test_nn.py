@@ -7,7 +7,6 @@ from torch import nn
 
 import nfd_fast
 from nfd_fast.nn import FusedMLP, ModulatedSiren, Siren
-from nfd_fast.ops import fused_mlp
 
 from conftest import DEVICE, rel_err
 

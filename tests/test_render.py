@@ -1,6 +1,5 @@
 """render: grids equal the field on explicitly built coordinates; files are complete and
 resumable; ranks split the work; the fused in-kernel-coordinate path agrees; bad input."""
-import os
 import subprocess
 import sys
 import textwrap

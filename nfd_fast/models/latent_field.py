@@ -215,7 +215,6 @@ class LatentField(nn.Module):
                  return_latents: bool = False):
         """n signals at `resolution` points by DDIM on the latent (all T steps by default).
         observations=(values, mask) conditions a conditional model (with guidance_scale)."""
-        device = next(self.parameters()).device
         cond = uncond = None
         if observations is not None:
             if not self.config.conditional:
