@@ -207,7 +207,7 @@ def _build_ddim_loop(device, quick):
 
 
 register(Case("ddim_loop_50", "50-step DDIM loop, MLP denoiser, batch 256 x 64 (quick 10 steps)",
-              _build_ddim_loop, gpu_only_impls=("nfd_fast[graph]",)))
+              _build_ddim_loop, gpu_only_impls=("nfd_fast[graph]",), impls=("eager", "nfd_fast")))
 
 
 # ---------------------------------------------------------------- grid lookup (issue 3)
@@ -346,9 +346,10 @@ def _build_kplanes_query(device, quick):
 
 register(Case("render_gigapixel", "Siren 2->256x3->3 rendered on 32768^2 (1.07e9 coords; quick 256^2)",
               _build_gigapixel, gpu_only_impls=("nfd_fast[bf16]", "nfd_fast[fp16]"),
+              impls=("nfd_fast", "eager"),  # eager at quick sizes only
               targets=(Target("nfd_fast*", "time", 1500.0, source=ISSUE_5 + ", fp16/bf16 compute"),)))
 register(Case("render_kplanes_4d", "4-D query 128^3 x 64 through K-planes + MLP (quick 8^3 x 4)",
-              _build_kplanes_query))
+              _build_kplanes_query, impls=("eager", "nfd_fast")))
 
 
 # ------------------------------------------------------------------ approach 1 (issue 7)
@@ -389,6 +390,6 @@ def _build_approach1(kind: str):
 
 
 register(Case("approach1_train_step", "approach 1 dual-loss training step, batch 256 x 256 samples (quick 32)",
-              _build_approach1("train")))
+              _build_approach1("train"), impls=("eager", "nfd_fast")))
 register(Case("approach1_sampling", "approach 1: 100 DDIM steps on 256 latents + decode at 256 points (quick 32, 10 steps)",
-              _build_approach1("sample")))
+              _build_approach1("sample"), impls=("eager", "nfd_fast")))

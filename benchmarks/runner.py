@@ -70,6 +70,7 @@ class Case:
     build: Callable
     gpu_only_impls: tuple = ()
     targets: tuple = ()
+    impls: tuple = ("eager", "compiled", "nfd_fast")  # those besides gpu_only_impls
 
 
 @dataclasses.dataclass
