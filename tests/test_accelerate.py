@@ -11,21 +11,10 @@ from torch import nn
 from nfd_fast.accelerate import accelerate, deaccelerate
 
 from conftest import DEVICE, rel_err
+from notebook_siren import NotebookSineLayer as SineLayer
 
 
 # --- SIREN reference notebook style: SineLayer(linear, omega_0), nn.Sequential, final Linear
-class SineLayer(nn.Module):
-    def __init__(self, i, o, is_first=False, omega_0=30.0):
-        super().__init__()
-        self.omega_0 = omega_0
-        self.linear = nn.Linear(i, o)
-        bound = 1 / i if is_first else math.sqrt(6 / i) / omega_0
-        nn.init.uniform_(self.linear.weight, -bound, bound)
-
-    def forward(self, x):
-        return torch.sin(self.omega_0 * self.linear(x))
-
-
 class NotebookSiren(nn.Module):
     def __init__(self):
         super().__init__()

@@ -9,21 +9,7 @@ import nfd_fast
 from nfd_fast.nn import FusedMLP, ModulatedSiren, Siren
 
 from conftest import DEVICE, rel_err
-
-
-class NotebookSineLayer(nn.Module):
-    """The SIREN reference notebook's layer, written out in plain PyTorch."""
-
-    def __init__(self, in_f, out_f, is_first=False, omega_0=30.0):
-        super().__init__()
-        self.omega_0 = omega_0
-        self.linear = nn.Linear(in_f, out_f)
-        bound = 1 / in_f if is_first else math.sqrt(6 / in_f) / omega_0
-        with torch.no_grad():
-            self.linear.weight.uniform_(-bound, bound)
-
-    def forward(self, x):
-        return torch.sin(self.omega_0 * self.linear(x))
+from notebook_siren import NotebookSineLayer
 
 
 class NotebookSiren(nn.Module):
