@@ -87,13 +87,18 @@ def _require_triton() -> None:
         )
 
 
-def resolve(op: str, *tensors: torch.Tensor, triton_dtypes_ok: bool = True) -> str:
-    """Pick the implementation for one call of ``op`` on these tensors.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-    ``triton_dtypes_ok`` is False when the kernel cannot take the inputs' dtypes
-    (float64): "auto" then falls back to the reference, while an explicit "triton"
-    raises, since silently running something else would hide the choice.
+
+def resolve(op: str, *tensors: Optional[torch.Tensor]) -> str:
+    """Pick the implementation for one call of ``op`` on these tensors (None skipped).
+
+    When a tensor's dtype is not one the kernels take (float64), "auto" falls back to the
+    reference, while an explicit "triton" raises: silently running something else would
+    hide the choice.
     """
+    tensors = [t for t in tensors if t is not None]
+    triton_dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in tensors)
     name = get_backend()
     on_cuda = any(t.is_cuda for t in tensors)
     if name == "torch":

@@ -35,12 +35,12 @@ def test_auto_picks_torch_on_cpu_and_for_float64():
     assert backend.resolve("op", cpu) == "torch"
     if DEVICE == "cuda":
         assert backend.resolve("op", cpu.cuda()) == "triton"
-        assert backend.resolve("op", cpu.cuda(), triton_dtypes_ok=False) == "torch"
+        assert backend.resolve("op", cpu.cuda().double()) == "torch"
 
 
 def test_explicit_triton_rejects_float64():
     with nfd_fast.use_backend("triton"), pytest.raises(TypeError, match="float64"):
-        backend.resolve("fused_mlp", torch.zeros(1, device=DEVICE), triton_dtypes_ok=False)
+        backend.resolve("fused_mlp", torch.zeros(1, device=DEVICE, dtype=torch.float64))
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -35,7 +35,6 @@ from .. import backend
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Timesteps = Union[int, torch.Tensor]
 
 
@@ -186,9 +185,7 @@ def reference_ddim(m, x, t, prev, schedule, z, pred, clip, threshold, eta, set_a
 
 
 def _use_kernel(op: str, *tensors) -> bool:
-    tensors = [t for t in tensors if t is not None]
-    ok = all(t.dtype in _KERNEL_DTYPES for t in tensors)
-    return backend.resolve(op, *tensors, triton_dtypes_ok=ok) == "triton"
+    return backend.resolve(op, *tensors) == "triton"
 
 
 def _draw_noise(x, generator, seed=None):

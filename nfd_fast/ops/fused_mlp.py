@@ -44,7 +44,6 @@ from .. import backend
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_IN, MAX_HIDDEN, MAX_OUT = 64, 512, 64
 
 TensorList = Sequence[Optional[torch.Tensor]]
@@ -282,9 +281,8 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
                        leaky_slope=leaky_slope, leaky_gain=leaky_gain, scale=scale,
                        shift=shift, mult=mult, precision=precision, fast_sine=fast_sine,
                        recompute=recompute)
-    tensors = [p.x, *p.weights, *[t for t in p.biases + p.scale + p.shift + p.mult if t is not None]]
-    kernel_ok = all(t.dtype in _KERNEL_DTYPES for t in tensors)
-    if backend.resolve("fused_mlp", *tensors, triton_dtypes_ok=kernel_ok) == "torch":
+    tensors = [p.x, *p.weights, *p.biases, *p.scale, *p.shift, *p.mult]
+    if backend.resolve("fused_mlp", *tensors) == "torch":
         return reference_forward(p)
     return _launch(p)
 
@@ -549,9 +547,7 @@ def grid_evaluator(field, grid, device):
     arguments = field.fused_mlp_arguments()
     probe = torch.empty(1, 1, grid.dims, device=device, dtype=arguments["weights"][0].dtype)
     p0 = prepare_inputs(probe, **arguments)
-    tensors = [probe, *p0.weights, *[b for b in p0.biases if b is not None]]
-    ok = all(t.dtype in _KERNEL_DTYPES for t in tensors)
-    if backend.resolve("fused_mlp", *tensors, triton_dtypes_ok=ok) != "triton":
+    if backend.resolve("fused_mlp", probe, *p0.weights, *p0.biases) != "triton":
         return None
     axes = 0
     for c, a in enumerate(grid.component_axes()):

@@ -33,7 +33,6 @@ from .. import backend
 
 COMBINES = ("sum", "product", "mean", "concat")
 PADDING_MODES = ("border", "zeros")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _validate(coords, fields, planes, combine, padding_mode):
@@ -143,9 +142,7 @@ def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
     GPU measurement; the gradients are the same up to float32 summation order)."""
     planes, fields = _validate(coords, fields, planes, combine, padding_mode)
     flat = [f for scale in fields for f in scale]
-    ok = all(t.dtype in _KERNEL_DTYPES for t in [coords, *flat])
-    if coords.shape[0] * coords.shape[1] == 0 or \
-            backend.resolve("grid_lookup", coords, *flat, triton_dtypes_ok=ok) == "torch":
+    if coords.shape[0] * coords.shape[1] == 0 or backend.resolve("grid_lookup", coords, *flat) == "torch":
         return reference_grid_lookup(coords, fields, planes, combine, bool(align_corners), padding_mode)
     spec = _Spec(planes, [len(s) for s in fields], [s[0].shape[-1 - len(planes[0])] for s in fields],
                  combine, bool(align_corners), padding_mode, bool(sort_backward))
