@@ -251,6 +251,20 @@ def test_unbatched_matches_batch_of_one():
     torch.testing.assert_close(y, y1[0])
 
 
+def test_activation_table_is_built_once():
+    """The per-layer (w0, slope, gain) table is cached: a repeated call copies nothing from
+    the host (on CUDA such a copy would sync the host and break graph capture)."""
+    from nfd_fast.ops._device import _constant_table
+
+    p = make_problem((2, 32, 32, 3), n=16, w0=4.25)
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        p.call()
+        before = _constant_table.cache_info()
+        p.call()
+        after = _constant_table.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+
+
 def test_no_grad_call_saves_nothing_and_matches():
     p = make_problem((2, 32, 32, 3), n=40)
     with nfd_fast.use_backend("triton"):

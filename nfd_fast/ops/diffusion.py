@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import backend
+from ._device import host_table
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -202,7 +203,7 @@ def _seed(x: torch.Tensor, generator, seed=None) -> torch.Tensor:
     if seed is not None:
         if isinstance(seed, torch.Tensor):
             return seed.reshape(1).to(device=x.device, dtype=torch.int64)
-        return torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+        return host_table([int(seed)], torch.int64, x.device)
     dev = generator.device if generator is not None else x.device
     seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=dev, dtype=torch.int64)
     return seed.to(x.device)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
+from ._device import constant_table, host_table, pad_pow2
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
@@ -291,15 +292,6 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
 # Triton is imported lazily: nfd_fast must import (and serve the reference) without it.
 
 
-def _pad(n: int) -> int:
-    """Width padded for tl.dot: a power of two, at least 16."""
-    return max(16, _next_pow2(n))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
-
-
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
     """Padded widths and tile sizes of one call (the launch heuristics in one place)."""
@@ -323,13 +315,13 @@ class _Geometry:
         largest tiles that compile without register spills and within shared memory.
         The forward holds h and the next layer's accumulator, [BLOCK_M, HID_PAD] float32
         each, in registers; float32 dot operands also double the shared-memory tiles."""
-        hid_pad = _pad(max(widths[1:-1]))
-        out_pad = _pad(widths[-1])
+        hid_pad = pad_pow2(max(widths[1:-1]))
+        out_pad = pad_pow2(widths[-1])
         if precision in ("fp16", "bf16"):
             block_m, block_n, stages = 64, (64 if hid_pad <= 256 else 32), 2
         else:
             block_m, block_n, stages = (32 if hid_pad >= 256 else 64), 32, 1
-        return _Geometry(_pad(widths[0]), hid_pad, out_pad, block_m, min(block_n, hid_pad),
+        return _Geometry(pad_pow2(widths[0]), hid_pad, out_pad, block_m, min(block_n, hid_pad),
                          min(out_pad, 32), 8 if hid_pad >= 128 else 4, stages)
 
 
@@ -353,7 +345,7 @@ def _pack_params(p: MLPInputs, g: _Geometry):
         entries = getattr(p, name)
         if any(t is not None for t in entries):
             mods[name] = _pack_vectors(entries, p.batch, L - 1, g.hid_pad, fill, widths[1:], dev)
-    act = torch.tensor([[a.w0, a.slope, a.gain] for a in p.acts], dtype=torch.float32, device=dev)
+    act = constant_table(tuple((a.w0, a.slope, a.gain) for a in p.acts), torch.float32, dev)
     return w, bias, mods, act
 
 
@@ -443,7 +435,7 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
     hidden = layer >= 0
     cols = g.hid_pad if hidden else IN
     block_n = min(64, g.hid_pad if hidden else g.in_pad)
-    block_k = min(32, _pad(dz.shape[1]))
+    block_k = min(32, pad_pow2(dz.shape[1]))
     tiles = triton.cdiv(N, 64)
     dev = p.x.device
     dst = torch.empty(M, cols, device=dev, dtype=torch.float32)
@@ -552,9 +544,9 @@ def grid_evaluator(field, grid, device):
     axes = 0
     for c, a in enumerate(grid.component_axes()):
         axes |= a << (2 * c)
-    sizes = torch.tensor(grid.shape, dtype=torch.int64, device=device)
-    affine = torch.tensor([[grid.offset[a], grid.step[a]] for a in grid.component_axes()],
-                          dtype=torch.float32, device=device)
+    sizes = host_table(grid.shape, torch.int64, device)
+    affine = host_table([[grid.offset[a], grid.step[a]] for a in grid.component_axes()],
+                        torch.float32, device)
     g = _Geometry.of(p0.widths(), p0.precision)
     packed = _pack_params(p0, g)
 

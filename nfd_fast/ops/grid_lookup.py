@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
+from ._device import host_table, pad_pow2
 
 COMBINES = ("sum", "product", "mean", "concat")
 PADDING_MODES = ("border", "zeros")
@@ -183,7 +184,7 @@ def _table(tensors, planes, batch: int) -> torch.Tensor:
         sizes = spatial[::-1] + [1] * (3 - len(axes))
         strides = sp_strides[::-1] + [0] * (3 - len(axes))
         rows.append([t.data_ptr(), *sizes, sb, st[-rank], *strides])
-    return torch.tensor(rows, dtype=torch.int64, device=tensors[0].device)
+    return host_table(rows, torch.int64, tensors[0].device)
 
 
 def _kernel_dtype(dtype):
@@ -202,7 +203,7 @@ def _launch_args(coords, C):
     from triton import cdiv
 
     B, N, _ = coords.shape
-    block_c = min(MAX_BLOCK_C, max(16, 1 << (C - 1).bit_length()))
+    block_c = min(MAX_BLOCK_C, pad_pow2(C))
     return (cdiv(N, BLOCK_N), cdiv(C, block_c), B), BLOCK_N, block_c
 
 
