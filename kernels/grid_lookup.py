@@ -45,30 +45,32 @@ def _unnormalize(g, size, ALIGN: tl.constexpr, BORDER: tl.constexpr):
 
 
 @triton.jit
-def _factor_geometry(table_ptr, p, coords_ptr, prow, D, NDIM: tl.constexpr,
-                     AX: tl.constexpr, AY: tl.constexpr, AZ: tl.constexpr,
+def _factor_geometry(table_ptr, p, coords_ptr, prow, D, META: tl.constexpr,
                      ALIGN: tl.constexpr, BORDER: tl.constexpr, row_ok):
-    """Per-axis (floor index, fractional weight, d pixel / d g) of factor p's taps."""
+    """Per-axis (fractional weight, floor index, size, d pixel / d g) of factor p's taps;
+    META = ndim | axis_x << 2 | axis_y << 4 | axis_z << 6."""
+    NDIM: tl.constexpr = META & 3
+    AX: tl.constexpr = (META >> 2) & 3
+    AY: tl.constexpr = (META >> 4) & 3
+    AZ: tl.constexpr = (META >> 6) & 3
     row = table_ptr + p * 9
     sx = tl.load(row + 1)
+    sy = tl.load(row + 2)
+    sz = tl.load(row + 3)
     gx = tl.load(coords_ptr + prow * D + AX, mask=row_ok, other=0.0).to(tl.float32)
     ix, dx = _unnormalize(gx, sx, ALIGN, BORDER)
     fx = tl.floor(ix)
     if NDIM >= 2:
-        sy = tl.load(row + 2)
         gy = tl.load(coords_ptr + prow * D + AY, mask=row_ok, other=0.0).to(tl.float32)
         iy, dy = _unnormalize(gy, sy, ALIGN, BORDER)
     else:  # a line: y = 0 on a plane of height 1
-        sy = tl.load(row + 2)
         iy = tl.zeros_like(ix)
         dy = tl.zeros_like(ix)
     fy = tl.floor(iy)
     if NDIM == 3:
-        sz = tl.load(row + 3)
         gz = tl.load(coords_ptr + prow * D + AZ, mask=row_ok, other=0.0).to(tl.float32)
         iz, dz = _unnormalize(gz, sz, ALIGN, BORDER)
     else:
-        sz = tl.load(row + 3)
         iz = tl.zeros_like(ix)
         dz = tl.zeros_like(ix)
     fz = tl.floor(iz)
@@ -121,11 +123,8 @@ def _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
                   DTYPE: tl.constexpr, NEED_DCOORD: tl.constexpr):
     """v [BLOCK_N, BLOCK_C] of factor p, and (if NEED_DCOORD) dv/dg per axis."""
     NDIM: tl.constexpr = META & 3
-    AX: tl.constexpr = (META >> 2) & 3
-    AY: tl.constexpr = (META >> 4) & 3
-    AZ: tl.constexpr = (META >> 6) & 3
     tx, ty, tz, x0, y0, z0, sx, sy, sz, dsx, dsy, dsz = _factor_geometry(
-        table_ptr, p, coords_ptr, prow, D, NDIM, AX, AY, AZ, ALIGN, BORDER, row_ok)
+        table_ptr, p, coords_ptr, prow, D, META, ALIGN, BORDER, row_ok)
     v = tl.zeros((prow.shape[0], ch.shape[0]), tl.float32)
     vx = tl.zeros_like(v)
     vy = tl.zeros_like(v)
@@ -290,11 +289,8 @@ def _scatter_field_grad(table_ptr, grad_table_ptr, p, b, coords_ptr, prow, D, ch
                         g, META: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr):
     """d field[corner, c] += w_corner * g[n, c] for every tap (float32 atomics)."""
     NDIM: tl.constexpr = META & 3
-    AX: tl.constexpr = (META >> 2) & 3
-    AY: tl.constexpr = (META >> 4) & 3
-    AZ: tl.constexpr = (META >> 6) & 3
     tx, ty, tz, x0, y0, z0, sx, sy, sz, _, _, _ = _factor_geometry(
-        table_ptr, p, coords_ptr, prow, D, NDIM, AX, AY, AZ, ALIGN, BORDER, row_ok)
+        table_ptr, p, coords_ptr, prow, D, META, ALIGN, BORDER, row_ok)
     for k in tl.static_range(1 << NDIM):  # a line (NDIM 1) has 2 taps
         w, _, _, _, cx, cy, cz, inside = _tap(k, tx, ty, tz, x0, y0, z0, sx, sy, sz, NDIM)
         ok = (inside & row_ok)[:, None] & ch_ok[None, :]
