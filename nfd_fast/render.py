@@ -124,7 +124,7 @@ class _NpyWriter:
         if tuple(header_shape) != self.shape or np.dtype(header_dtype) != self.dtype:
             raise ValueError(f"{path}: holds an array of shape {list(header_shape)} {header_dtype}, "
                              f"not the render's {list(self.shape)} {self.dtype}; refusing to overwrite it")
-        self.fd = os.open(path, os.O_WRONLY)
+        self.fd = os.open(path, os.O_RDWR)
         self.row_bytes = self.dtype.itemsize * self.shape[-1]
 
     def write(self, start: int, values: np.ndarray) -> None:
@@ -134,6 +134,11 @@ class _NpyWriter:
         while view:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Points start .. start+count-1 as [count, C] (a finished chunk, for the preview)."""
+        data = os.pread(self.fd, count * self.row_bytes, self.data_offset + start * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[-1])
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -254,6 +259,12 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if preview is not None and grid.dims != 2:
         raise ValueError(f"preview: needs a 2-D render, this one has {grid.dims} axes")
+    rank, world = _distributed()
+    if world > 1 and out is None:
+        raise ValueError("out: with several ranks each renders its share of the chunks; give a "
+                         ".npy path (an in-memory result would hold only this rank's share)")
+    if world > 1 and preview is not None:
+        raise ValueError("preview: not supported with several ranks (render, then preview the file)")
     in_features = getattr(field, "in_features", None)
     if isinstance(in_features, int) and in_features != grid.dims:
         raise ValueError(f"field: takes {in_features}-D coordinates, the grid has {grid.dims} axes")
@@ -271,8 +282,10 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
     if preview is not None and channels not in (1, 3, 4):
         raise ValueError(f"preview: needs 1, 3 or 4 channels, the field gives {channels}")
     num_chunks = math.ceil(grid.numel / chunk)
-    rank, world = _distributed()
     mine = [c for c in range(num_chunks) if c % world == rank]
+
+    def points(chunks) -> int:
+        return sum(min(chunk, grid.numel - c * chunk) for c in chunks)
 
     if out is None:
         result = torch.empty(grid.numel, channels, dtype=out_dtype, device=device)
@@ -309,12 +322,16 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
             writer.write(start, values.cpu().numpy())
 
     pre = _Preview(grid, channels, preview_size) if preview is not None else None
+    if pre is not None and writer is not None:  # chunks finished before a resume
+        for c in sorted(set(mine) - set(todo)):
+            start = c * chunk
+            pre.add(start, writer.read(start, min(chunk, grid.numel - start)).astype(np.float32))
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine) * chunk, unit="pt", unit_scale=True, desc="render",
-                   initial=(len(mine) - len(todo)) * chunk)
+        done_points = points(c for c in mine if c not in set(todo))
+        bar = tqdm(total=points(mine), unit="pt", unit_scale=True, desc="render", initial=done_points)
     with torch.no_grad():
         for c in todo:
             start = c * chunk
@@ -331,8 +348,6 @@ def render(field: Callable, shape: Sequence[int], *, bounds=None, out: Optional[
     if bar is not None:
         bar.close()
     if pre is not None:
-        if world > 1:
-            raise ValueError("preview: not supported with several ranks (render, then preview the file)")
         pre.save(preview, preview_range)
     if writer is None:
         return result.view(*grid.shape, channels)

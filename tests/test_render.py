@@ -190,6 +190,42 @@ def test_peak_memory_of_a_file_render_stays_far_below_the_image(tmp_path):
     assert (tmp_path / "big.npy").stat().st_size > 4096 * 4096 * 12
 
 
+def test_resumed_render_preview_includes_the_chunks_finished_before(tmp_path):
+    pytest.importorskip("PIL.Image")
+    out = tmp_path / "killed.npy"
+    script = _render_script(out, kill_after=5).replace(
+        "progress=False)", f"progress=False, preview={str(tmp_path / 'first.png')!r})")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+
+    def field(c):
+        return torch.stack([c[:, 0] * 3, c[:, 1] - c[:, 0], (c ** 2).sum(1)], 1)
+
+    render(field, (40, 30), out=out, chunk_size=97, progress=False, preview=tmp_path / "resumed.png")
+    render(field, (40, 30), out=tmp_path / "fresh.npy", chunk_size=97, progress=False,
+           preview=tmp_path / "fresh.png")
+    assert (tmp_path / "resumed.png").read_bytes() == (tmp_path / "fresh.png").read_bytes()
+
+
+def test_several_ranks_need_a_file_and_no_preview(tmp_path, monkeypatch):
+    import importlib
+
+    render_module = importlib.import_module("nfd_fast.render")  # the package exports a function of that name
+
+    monkeypatch.setattr(render_module, "_distributed", lambda: (0, 2))
+    calls = []
+
+    def field(c):
+        calls.append(len(c))
+        return c
+
+    with pytest.raises(ValueError, match="out: with several ranks"):
+        render(field, (8, 8), progress=False)
+    with pytest.raises(ValueError, match="preview: not supported with several ranks"):
+        render(field, (8, 8), out=tmp_path / "x.npy", preview=tmp_path / "x.png", progress=False)
+    assert calls == [] and not (tmp_path / "x.npy").exists()  # refused before any work
+
+
 # ------------------------------------------------------------------------ bad input
 
 
