@@ -195,7 +195,6 @@ def run_case(case: Case, device: str, quick: bool, ceilings: dict, impls=None) -
             "tflops": work.flops / (t.median_ms / 1e3) / 1e12,
             "roofline_fraction": roofline_fraction(work, t.median_ms, ceilings),
         }
-        del fn
     times = {n: r["median_ms"] for n, r in row["impls"].items()}
     row["speedup_vs"] = speedups(times)
     row["targets"] = [judge_target(t, row, device == "cuda" and not quick) for t in case.targets]

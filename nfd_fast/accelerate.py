@@ -335,8 +335,7 @@ def _is_param(gm, name) -> bool:
         return False
 
 
-def accelerate(model: nn.Module, *, backend: str = "auto", inplace: bool = True,
-               example_inputs=None):
+def accelerate(model: nn.Module, *, backend: str = "auto", inplace: bool = True):
     """Fuse the linear/activation runs of `model` (see the module docstring).
 
     Returns the model (a deep copy when inplace=False) with `.acceleration_report`

@@ -375,8 +375,9 @@ def ddim_step(model_output: torch.Tensor, t: Timesteps, prev_t: Timesteps, x_t: 
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
 
 
-def _noise_norm_mean(x, noise, seed, kernel: bool) -> torch.Tensor:
-    """Mean over the batch of the per-sample L2 norm of the step's noise (float32 scalar)."""
+def _noise_norm_mean(x, noise, seed) -> torch.Tensor:
+    """Mean over the batch of the per-sample L2 norm of the step's noise (float32 scalar):
+    of `noise` when given, else of the Philox stream `seed` draws (regenerated, not stored)."""
     if noise is not None:
         return noise.float().reshape(x.shape[0], -1).norm(dim=1).mean()
     from ..kernels import diffusion as K
@@ -408,7 +409,7 @@ def langevin_step(score: torch.Tensor, x: torch.Tensor, t: Timesteps, schedule, 
     z = None
     if not kernel:
         z = noise.float() if noise is not None else _draw_noise(x, generator)
-    noise_norm = _noise_norm_mean(x, z if z is not None else noise, seed, kernel)
+    noise_norm = _noise_norm_mean(x, z if z is not None else noise, seed)
     grad_norm = score.float().reshape(x.shape[0], -1).norm(dim=1).mean()
     step = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
     if kernel:
