@@ -80,6 +80,14 @@ def test_sampling_gives_signals_at_two_resolutions(seed_run):
     assert s64.std(0).mean() > 0.1
 
 
+def test_schedule_follows_every_device_move():
+    # .cuda() and .cpu() are _apply(lambda t: t.cuda()) etc.: exercise that path with "meta"
+    model = LatentField(LatentFieldConfig(length=32))
+    model._apply(lambda t: t.to("meta"))
+    assert model.schedule.device.type == "meta" and model.latent_mean.device.type == "meta"
+    assert LatentField(LatentFieldConfig(length=32)).to("meta").schedule.device.type == "meta"
+
+
 def test_fused_and_reference_backends_agree_on_a_training_step():
     torch.manual_seed(0)
     cfg = LatentFieldConfig(length=64, encoder_width=64, decoder_width=32, denoiser_width=32,

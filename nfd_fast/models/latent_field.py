@@ -165,10 +165,10 @@ class LatentField(nn.Module):
         self.register_buffer("latent_std", torch.ones(c.latent_dim))
         self.latent_momentum = 0.05
 
-    def to(self, *args, **kwargs):
-        module = super().to(*args, **kwargs)
-        device = next(self.parameters()).device
-        self.schedule = self.schedule.to(device)
+    def _apply(self, fn, *args, **kwargs):
+        # every device move (.to, .cuda, .cpu) goes through _apply: the schedule follows
+        module = super()._apply(fn, *args, **kwargs)
+        self.schedule = self.schedule.to(self.latent_mean.device)
         return module
 
     def decode(self, z: torch.Tensor, resolution: int) -> torch.Tensor:
