@@ -1,0 +1,385 @@
+"""DDMI: the coarse-to-fine readouts against a plain transcription of the reference's
+forward, the reference's state_dict keys and shapes, CFCDecoder on both backends, the
+D2C-VAE, the mixed epsilon prediction, DDIM spacing, training and generation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nfd_fast
+from nfd_fast.models.ddmi import (D2CVAE, DDMI, DDMIConfig, DiagonalGaussian, ImageReadout,
+                                  LatentDiffusion, LatentUNet, ShapeReadout, VAEConfig,
+                                  VideoReadout, ddim_timesteps, image_to_points, kl_coefficient,
+                                  pixel_centers, reference_schedule)
+from nfd_fast.nn.cfc import CFCBlock, CFCDecoder, CFCProgram
+
+from conftest import rel_err
+
+F64 = torch.float64
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
+    """Random values everywhere (zero-initialised noise weights, biases and fc_1 included)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module
+
+
+# ------------------------------------------------------- transcriptions of the reference
+
+
+def t_styled_conv(P, prefix, x, style, noise, style_dim):
+    """StyledConv on [B, in, N] maps: modulate, demodulate, conv, inject noise, fused lrelu."""
+    w = P[prefix + ".conv.weight"][0, :, :, 0, 0]
+    s = style @ (P[prefix + ".conv.modulation.weight"] / math.sqrt(style_dim)).T + P[prefix + ".conv.modulation.bias"]
+    W = w[None] / math.sqrt(w.shape[1]) * s[:, None, :]
+    W = W / torch.sqrt((W ** 2).sum(dim=2, keepdim=True) + 1e-8)
+    y = torch.einsum("boi,bin->bon", W, x)
+    if noise is not None:
+        y = y + P[prefix + ".noise.weight"] * noise[:, None, :]
+    return F.leaky_relu(y + P[prefix + ".activate.bias"][None, :, None], 0.2) * math.sqrt(2)
+
+
+def t_image_mlp(P, fields, coords, si, noise):
+    """The reference image MLP, written out: si [B], coords [B, N, 2], noise None or 12 [B, N]."""
+    B, N, _ = coords.shape
+    emb_dim = P["time_mlp.1.weight"].shape[1]
+    style_dim = P["time_mlp.1.weight"].shape[0]
+    half = emb_dim // 2
+    freq = torch.exp(torch.arange(half, dtype=coords.dtype) * -(math.log(10000) / (half - 1)))
+    e = torch.cat([torch.sin(si[:, None] * freq), torch.cos(si[:, None] * freq)], dim=1)
+    style = F.gelu(e @ P["time_mlp.1.weight"].T + P["time_mlp.1.bias"]) @ P["time_mlp.3.weight"].T + P["time_mlp.3.bias"]
+    grid = coords.view(B, N, 1, 2)
+    feats = [F.grid_sample(f, grid, padding_mode="border", align_corners=False)[..., 0] for f in fields]
+    const = si.view(B, 1, 1).expand(B, 2, N)
+    h = None
+    for b in range(1, 5):
+        x = h if b == 4 else torch.cat(([] if h is None else [h]) + [feats[b - 1], const], dim=1)
+        y = x
+        for c in range(1, 4):
+            n = None if noise is None else noise[3 * (b - 1) + (c - 1)]
+            y = t_styled_conv(P, f"net_res{b}.conv{c}", y, style, n, style_dim)
+        key = f"net_res{b}.skip.0.weight"
+        skip = x if key not in P else torch.einsum("oi,bin->bon", P[key][:, :, 0, 0] / math.sqrt(x.shape[1]), x)
+        h = (y + skip) / math.sqrt(2)
+    w = P["torgb.conv.weight"][0, :, :, 0, 0]
+    s = style @ (P["torgb.conv.modulation.weight"] / math.sqrt(style_dim)).T + P["torgb.conv.modulation.bias"]
+    W = w[None] / math.sqrt(w.shape[1]) * s[:, None, :]
+    return (torch.einsum("boi,bin->bon", W, h) + P["torgb.bias"][:, :, 0]).transpose(1, 2)
+
+
+def t_resnet_fc(P, prefix, x):
+    net = torch.relu(x) @ P[prefix + ".fc_0.weight"].T + P[prefix + ".fc_0.bias"]
+    dx = torch.relu(net) @ P[prefix + ".fc_1.weight"].T + P[prefix + ".fc_1.bias"]
+    key = prefix + ".shortcut.weight"
+    return (x @ P[key].T if key in P else x) + dx
+
+
+def t_fc_trunk(P, feats, first_extra, out_slope):
+    h = t_resnet_fc(P, "net_res1", feats[0]) + first_extra
+    h = t_resnet_fc(P, "net_res2", torch.cat([h, feats[1]], -1))
+    h = t_resnet_fc(P, "net_res3", torch.cat([h, feats[2]], -1))
+    h = t_resnet_fc(P, "net_res4", h)
+    if out_slope is not None:
+        h = F.leaky_relu(h, out_slope)
+    return h @ P["net_out.weight"].T + P["net_out.bias"]
+
+
+def t_read(field, gx, gy):
+    """grid_sample(field, (gx, gy)) with align_corners True, border: [B, N, C]."""
+    grid = torch.stack([gx, gy], -1).unsqueeze(2)
+    return F.grid_sample(field, grid, padding_mode="border", align_corners=True)[..., 0].transpose(1, 2)
+
+
+def t_shape_mlp(P, fields, p):
+    u = (p / (1.1 + 1e-5) + 0.5).clamp(0, 1 - 1e-5) * 2 - 1
+    feats = [t_read(xy, u[..., 0], u[..., 1]) + t_read(yz, u[..., 1], u[..., 2]) + t_read(xz, u[..., 0], u[..., 2])
+             for xy, yz, xz in fields]
+    return t_fc_trunk(P, feats, p @ P["net_p.weight"].T + P["net_p.bias"], None)
+
+
+def t_video_mlp(P, fields, c):
+    """The reference's (t, spatial) grids for the time planes."""
+    x, y, t = c.unbind(-1)
+    feats = [torch.cat([t_read(xy, x, y), t_read(yt, t, y), t_read(xt, t, x)], -1) for xy, yt, xt in fields]
+    return t_fc_trunk(P, feats, 0.0, 0.2)
+
+
+def grads(out, inputs, weight):
+    return torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
+
+
+def assert_matches(module_out, ref_out, inputs, tol):
+    weight = torch.randn_like(ref_out)
+    assert rel_err(module_out, ref_out) < tol, rel_err(module_out, ref_out)
+    for name, a, b in zip(inputs, grads(module_out, list(inputs.values()), weight),
+                          grads(ref_out, list(inputs.values()), weight)):
+        assert b is not None and a is not None, name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+# --------------------------------------------------------------- reference key listings
+
+
+def reference_image_mlp_shapes():
+    shapes = {"time_mlp.1.weight": (256, 64), "time_mlp.1.bias": (256,),
+              "time_mlp.3.weight": (256, 256), "time_mlp.3.bias": (256,)}
+    for b in range(1, 5):
+        for c in range(1, 4):
+            IN = 66 if (b, c) == (1, 1) else (322 if b in (2, 3) and c == 1 else 256)
+            p = f"net_res{b}.conv{c}"
+            shapes.update({p + ".conv.weight": (1, 256, IN, 1, 1), p + ".conv.modulation.weight": (IN, 256),
+                           p + ".conv.modulation.bias": (IN,), p + ".noise.weight": (1,),
+                           p + ".activate.bias": (256,)})
+    shapes.update({"net_res1.skip.0.weight": (256, 66, 1, 1), "net_res2.skip.0.weight": (256, 322, 1, 1),
+                   "net_res3.skip.0.weight": (256, 322, 1, 1), "torgb.bias": (1, 3, 1, 1),
+                   "torgb.conv.weight": (1, 3, 256, 1, 1), "torgb.conv.modulation.weight": (256, 256),
+                   "torgb.conv.modulation.bias": (256,)})
+    return shapes
+
+
+def reference_vae_decoder_shapes(blocks_per_level: int = 3):
+    def resblock(p, cin, cout):
+        d = {p + ".norm1.weight": (cin,), p + ".norm1.bias": (cin,), p + ".conv1.weight": (cout, cin, 3, 3),
+             p + ".conv1.bias": (cout,), p + ".norm2.weight": (cout,), p + ".norm2.bias": (cout,),
+             p + ".conv2.weight": (cout, cout, 3, 3), p + ".conv2.bias": (cout,)}
+        if cin != cout:
+            d.update({p + ".nin_shortcut.weight": (cout, cin, 1, 1), p + ".nin_shortcut.bias": (cout,)})
+        return d
+
+    s = {"post_quant_conv.weight": (128, 64, 1, 1), "post_quant_conv.bias": (128,),
+         "decoder.conv_in.weight": (512, 128, 3, 3), "decoder.conv_in.bias": (512,),
+         "decoder.mid.attn_1.norm.weight": (512,), "decoder.mid.attn_1.norm.bias": (512,),
+         "decoder.norm_out.weight": (128,), "decoder.norm_out.bias": (128,),
+         "decoder.conv_out.weight": (64, 128, 3, 3), "decoder.conv_out.bias": (64,)}
+    s.update(resblock("decoder.mid.block_1", 512, 512))
+    s.update(resblock("decoder.mid.block_2", 512, 512))
+    for m in ("q", "k", "v", "proj_out"):
+        s.update({f"decoder.mid.attn_1.{m}.weight": (512, 512, 1, 1), f"decoder.mid.attn_1.{m}.bias": (512,)})
+    for level, cin, cout in ((2, 512, 512), (1, 512, 256), (0, 256, 128)):
+        for j in range(blocks_per_level):
+            s.update(resblock(f"decoder.up.{level}.block.{j}", cin if j == 0 else cout, cout))
+        if level > 0:
+            s.update({f"decoder.up.{level}.hdbf.0.weight": (64, cout, 1, 1), f"decoder.up.{level}.hdbf.0.bias": (64,),
+                      f"decoder.up.{level}.upsample.conv.weight": (cout, cout, 3, 3),
+                      f"decoder.up.{level}.upsample.conv.bias": (cout,)})
+    return s
+
+
+def shapes_of(state_dict):
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def test_image_readout_has_the_reference_keys_and_shapes():
+    sd = ImageReadout().state_dict()
+    assert shapes_of(sd) == reference_image_mlp_shapes()
+    assert len(sd) == 71 and sum(v.numel() for v in sd.values()) == 1_880_021
+
+
+@pytest.mark.parametrize("num_res_blocks, tensors, params", [(2, 118, 33.66e6), (3, 142, 39.86e6)])
+def test_vae_decoder_has_the_reference_keys_and_shapes(num_res_blocks, tensors, params):
+    sd = D2CVAE(num_res_blocks=num_res_blocks).state_dict()
+    decoder = {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv."))}
+    assert shapes_of(decoder) == reference_vae_decoder_shapes(num_res_blocks + 1)
+    assert len(decoder) == tensors
+    assert abs(sum(v.numel() for v in decoder.values()) - params) < 0.01e6
+    # the encoder: conv 512 -> 256, quant_conv 1x1 256 -> 128 (mean and log-variance, 64 each)
+    assert tuple(sd["encoder.conv_out.weight"].shape) == (256, 512, 3, 3)
+    assert tuple(sd["quant_conv.weight"].shape) == (128, 256, 1, 1)
+
+
+def test_synthetic_reference_checkpoint_loads_unchanged():
+    g = torch.Generator().manual_seed(0)
+    mlp = {k: torch.randn(s, generator=g) for k, s in reference_image_mlp_shapes().items()}
+    decoder = {k: torch.randn(s, generator=g) for k, s in reference_vae_decoder_shapes().items()}
+    model = DDMI(DDMIConfig(model_channels=32, channel_mult=(1,), attention_levels=()))
+    encoder = {k: torch.randn(v.shape, generator=g) for k, v in model.vae.state_dict().items() if k not in decoder}
+    model.load_reference({"mlp": mlp, "vaemodel": {**encoder, **decoder}, "diffusion": {}})
+    for k, v in mlp.items():
+        assert torch.equal(model.readout.state_dict()[k], v), k
+    for k, v in decoder.items():
+        assert torch.equal(model.vae.state_dict()[k], v), k
+    missing, unexpected = model.vae.load_state_dict(decoder, strict=False)
+    assert not unexpected and all(k.startswith(("encoder.", "quant_conv.")) for k in missing)
+    with pytest.raises(KeyError, match="'vaemodel'"):
+        model.load_reference({"mlp": mlp})
+
+
+# ---------------------------------------------------------------------------- readouts
+
+
+def small_image_readout(dtype=F64, field_channels=5, hidden=24):
+    torch.manual_seed(1)
+    return randomize_(ImageReadout(field_channels=field_channels, hidden=hidden, style_dim=12,
+                                   embed_dim=8)).to(dtype)
+
+
+def image_inputs(B=2, C=5, N=13, dtype=F64, sizes=(3, 6, 11)):
+    fields = [torch.randn(B, C, s, s + 2, dtype=dtype, requires_grad=True) for s in sizes]
+    coords = (torch.rand(B, N, 2, dtype=dtype) * 2.2 - 1.1).requires_grad_()  # some outside: border
+    return fields, coords
+
+
+@pytest.mark.parametrize("path", ["reference_forward", "cfc_forward"])
+def test_image_readout_matches_the_reference_forward(path):
+    r = small_image_readout()
+    fields, coords = image_inputs()
+    si = torch.tensor([0.5, 1.0], dtype=F64)
+    noise = [torch.randn(2, 13, dtype=F64) for _ in range(12)]
+    P = dict(r.named_parameters())
+    for n in (noise, None):
+        out = getattr(r, path)(fields, coords, si, noise=False if n is None else n)
+        ref = t_image_mlp(P, fields, coords, si, n)
+        names = ["net_res2.conv1.conv.weight", "time_mlp.1.weight", "net_res3.skip.0.weight", "torgb.bias"]
+        names += ["net_res4.conv3.noise.weight"] if n is not None else []
+        assert_matches(out, ref, {"fields": fields[0], "fields2": fields[2], "coords": coords,
+                                  **{k: P[k] for k in names}}, 1e-10)
+
+
+def test_image_readout_on_a_pixel_grid_at_reference_sizes():
+    """The reference's coordinate grid (pixel centres, x along the width) and sizes, float32."""
+    torch.manual_seed(2)
+    r = randomize_(ImageReadout(), 0.05)
+    fields = [torch.randn(1, 64, s, s) for s in (3, 5, 7)]
+    coords = pixel_centers(5, 7).unsqueeze(0)
+    assert torch.allclose(coords[0, :7, 0], torch.linspace(-6 / 7, 6 / 7, 7)) and (coords[0, :7, 1] == -0.8).all()
+    out = r(fields, coords, 0.75, noise=False)
+    with torch.no_grad():
+        ref = t_image_mlp({k: v.double() for k, v in r.named_parameters()}, [f.double() for f in fields],
+                          coords.double(), torch.tensor([0.75], dtype=F64), None)
+    assert out.shape == (1, 35, 3) and rel_err(out, ref) < 1e-5
+    assert rel_err(r.cfc_forward(fields, coords, 0.75, noise=False), ref) < 1e-5
+
+
+def test_image_readout_noise_statistics():
+    """Fresh noise per call and layer; the CFC path's draws have the reference's statistics."""
+    r = small_image_readout(torch.float32)
+    fields, _ = image_inputs(B=1, dtype=torch.float32)
+    coords = torch.full((1, 4000, 2), 0.3)  # one point repeated: outputs differ by noise only
+    with torch.no_grad():
+        plain = r.reference_forward(fields, coords, 1.0, noise=True)[0]
+        fused = r.cfc_forward(fields, coords, 1.0, noise=True, generator=torch.Generator().manual_seed(3))[0]
+        quiet = r.reference_forward(fields, coords[:, :1], 1.0, noise=False)[0, 0]
+    assert plain.std(0).min() > 0.01 and not torch.equal(plain[0], plain[1])
+    spread = plain.std(0)
+    assert ((plain.mean(0) - fused.mean(0)).abs() < 5 * spread / math.sqrt(4000) * 1.5).all()
+    assert ((plain.std(0) / fused.std(0)) - 1).abs().max() < 0.1
+    for m in r.modules():  # noise weights at zero: noise on reads as noise off
+        if hasattr(m, "noise"):
+            torch.nn.init.zeros_(m.noise.weight)
+    with torch.no_grad():
+        assert torch.allclose(r.cfc_forward(fields, coords[:, :3], 1.0, noise=True)[0], quiet.expand(3, 3), atol=1e-5)
+
+
+def shape_inputs(B=2, C=6, N=17, dtype=F64):
+    fields = [[torch.randn(B, C, r, r, dtype=dtype, requires_grad=True) for _ in range(3)] for r in (3, 5, 8)]
+    points = ((torch.rand(B, N, 3, dtype=dtype) - 0.5) * 1.2).requires_grad_()  # a few beyond the padding
+    return fields, points
+
+
+def video_inputs(B=2, C=4, N=17, T=3, dtype=F64):
+    fields = [[torch.randn(B, C, r, r + 1, dtype=dtype, requires_grad=True),
+               torch.randn(B, C, T, r, dtype=dtype, requires_grad=True),
+               torch.randn(B, C, T, r + 1, dtype=dtype, requires_grad=True)] for r in (3, 5, 8)]
+    coords = (torch.rand(B, N, 3, dtype=dtype) * 2 - 1).requires_grad_()
+    return fields, coords
+
+
+@pytest.mark.parametrize("path", ["reference_forward", "cfc_forward"])
+def test_shape_and_video_readouts_match_the_reference_forward(path):
+    torch.manual_seed(4)
+    s = randomize_(ShapeReadout(field_channels=6, hidden=20)).double()
+    fields, points = shape_inputs()
+    P = dict(s.named_parameters())
+    out = getattr(s, path)(fields, points)
+    assert out.shape == (2, 17, 1)
+    assert_matches(out, t_shape_mlp(P, fields, points),
+                   {"coarse_yz": fields[0][1], "fine_xz": fields[2][2], "points": points,
+                    "net_p": P["net_p.weight"], "short": P["net_res2.shortcut.weight"]}, 1e-10)
+    v = randomize_(VideoReadout(field_channels=4, hidden=20)).double()
+    fields, coords = video_inputs()
+    P = dict(v.named_parameters())
+    out = getattr(v, path)(fields, coords)
+    assert out.shape == (2, 17, 3)
+    assert_matches(out, t_video_mlp(P, fields, coords),
+                   {"yt": fields[0][1], "xt": fields[1][2], "coords": coords,
+                    "fc_0": P["net_res4.fc_0.weight"], "out": P["net_out.weight"]}, 1e-10)
+
+
+def test_video_time_planes_are_read_transposed_as_the_reference_reads_them():
+    """A yt plane that varies only along its width axis gives features that depend on t only."""
+    v = VideoReadout(field_channels=1, hidden=4)
+    ramp = torch.linspace(0, 1, 5).view(1, 1, 1, 5).expand(1, 1, 3, 5)
+    zeros = torch.zeros(1, 1, 4, 4)
+    coords = torch.tensor([[[0.2, -0.9, 0.5], [0.7, 0.9, 0.5], [0.2, -0.9, -1.0]]])
+    feats = v.decoder.lookup(coords, [[zeros, ramp, torch.zeros(1, 1, 3, 4)]])[0]
+    assert torch.allclose(feats[0, :, 1], torch.tensor([0.75, 0.75, 0.0]))
+
+
+def test_readout_state_dicts_of_the_fc_readouts():
+    s, v = ShapeReadout(), VideoReadout()
+    assert tuple(s.state_dict()["net_p.weight"].shape) == (256, 3)
+    assert tuple(s.state_dict()["net_res1.fc_0.weight"].shape) == (64, 64)
+    assert tuple(s.state_dict()["net_res2.fc_0.weight"].shape) == (256, 320)
+    assert tuple(s.state_dict()["net_out.weight"].shape) == (1, 256)
+    assert tuple(v.state_dict()["net_res1.fc_0.weight"].shape) == (192, 192)
+    assert tuple(v.state_dict()["net_res3.shortcut.weight"].shape) == (256, 448)
+    assert "net_res4.shortcut.weight" not in v.state_dict()
+
+
+# ------------------------------------------------------------- CFCDecoder on both backends
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cfc_decoder_equals_the_plain_readouts(backend):
+    """Tiny widths: every block fits fused_mlp, so backend "triton" runs its kernel and the
+    grid_lookup kernel (interpreter on CPU)."""
+    torch.manual_seed(5)
+    r = small_image_readout(torch.float32, field_channels=4, hidden=16)
+    fields, coords = image_inputs(C=4, N=9, dtype=torch.float32, sizes=(3, 5, 7))
+    si = torch.tensor([0.5, 2.0])
+    P = dict(r.named_parameters())
+    ref = r.reference_forward(fields, coords, si, noise=False)
+    with nfd_fast.use_backend(backend):
+        out = r(fields, coords, si, noise=False) if backend == "triton" else r.cfc_forward(fields, coords, si, noise=False)
+    assert_matches(out, ref, {"coarse": fields[0], "fine": fields[2], "coords": coords,
+                              "w": P["net_res2.conv1.conv.weight"], "mod": P["net_res1.conv2.conv.modulation.weight"],
+                              "b": P["net_res3.conv3.activate.bias"], "skip": P["net_res1.skip.0.weight"],
+                              "time": P["time_mlp.3.weight"]}, 2e-5)
+    s = randomize_(ShapeReadout(field_channels=3, hidden=8)).float()
+    sf, points = shape_inputs(C=3, N=7, dtype=torch.float32)
+    ref = s.reference_forward(sf, points)
+    with nfd_fast.use_backend(backend):
+        out = s(sf, points) if backend == "triton" else s.cfc_forward(sf, points)
+    assert_matches(out, ref, {"xy": sf[0][0], "points": points, "fc": s.net_res2.fc_1.weight}, 2e-5)
+
+
+def test_cfc_decoder_float16_on_the_kernels():
+    r = small_image_readout(torch.float32, field_channels=4, hidden=16)
+    fields, coords = image_inputs(C=4, N=9, dtype=torch.float32, sizes=(3, 5, 7))
+    ref = r.reference_forward(fields, coords, 0.7, noise=False)
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        out = r.half()(fields=[f.detach().half() for f in fields], coords=coords.detach().half(), scale=0.7, noise=False)
+    assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2
+
+
+def test_cfc_decoder_wide_blocks_use_the_layer_path():
+    """Widths beyond fused_mlp's (DDMI's 256-wide trunk) still give the same numbers."""
+    torch.manual_seed(6)
+    dec = CFCDecoder([(0, 1)], block="styled")
+    B, N = 2, 5
+    coords = torch.rand(B, N, 2, dtype=F64) * 2 - 1
+    fields = [torch.randn(B, 70, 3, 3, dtype=F64)]
+    w = [torch.randn(B, 80, 71, dtype=F64) / 8, torch.randn(80, 80, dtype=F64) / 9]
+    blk = CFCBlock(w, [None, torch.randn(B, 80, dtype=F64)], torch.randn(80, 71, dtype=F64) / 8, scale=0,
+                   extra=torch.randn(B, 1, dtype=F64))
+    w_out = torch.randn(3, 80, dtype=F64)
+    out = dec(coords, fields, CFCProgram([blk], w_out))
+    x = torch.cat([F.grid_sample(fields[0], coords.view(B, N, 1, 2), padding_mode="border",
+                                 align_corners=False)[..., 0].transpose(1, 2), blk.extra[:, None].expand(B, N, 1)], -1)
+    y = math.sqrt(2) * F.leaky_relu(x @ w[0].transpose(1, 2), 0.2)
+    y = math.sqrt(2) * F.leaky_relu(y @ w[1].T + blk.biases[1][:, None], 0.2)
+    h = (y + x @ blk.skip.T) / math.sqrt(2)
+    assert rel_err(out, h @ w_out.T) < 1e-12
