@@ -27,12 +27,20 @@ they are saved for backward).
 import triton
 import triton.language as tl
 
-# Activation codes; a layer's code sits in 4 bits of the constexpr ACTS bit-field.
-IDENTITY, SINE, RELU, LEAKY_RELU, GELU, SILU = 0, 1, 2, 3, 4, 5
-ACT_BITS = 4  # the kernel reads layer l's code as (ACTS >> 4 l) & 15
+# Activation codes: the index of the name in nfd_fast.ops.fused_mlp.ACTIVATIONS (a test
+# checks they agree). Hidden layer l's code is base-ACT_BASE digit l of the constexpr ACTS.
+IDENTITY = tl.constexpr(0)
+SINE = tl.constexpr(1)
+RELU = tl.constexpr(2)
+LEAKY_RELU = tl.constexpr(3)
+GELU = tl.constexpr(4)
+SILU = tl.constexpr(5)
+ACT_BASE = tl.constexpr(16)  # (digit arithmetic: the interpreter's constexpr has no >>)
 
 # Dot operand kinds.
-DOT_FP32, DOT_FP16, DOT_BF16 = 0, 1, 2
+DOT_FP32 = tl.constexpr(0)
+DOT_FP16 = tl.constexpr(1)
+DOT_BF16 = tl.constexpr(2)
 
 _INV_2PI = tl.constexpr(0.15915494309189535)
 # 2*pi split in two (Cody-Waite) so k * _TWO_PI_HI is exact for |k| < 2^16
@@ -80,15 +88,15 @@ def _act_params(act_ptr, layer):
 @triton.jit
 def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
     w0, slope, gain = _act_params(act_ptr, layer)
-    if ACT == 1:  # SINE
+    if ACT == SINE:
         a = _sin(w0 * u, FAST_SINE)
-    elif ACT == 2:  # RELU
+    elif ACT == RELU:
         a = tl.maximum(u, 0.0)
-    elif ACT == 3:  # LEAKY_RELU
+    elif ACT == LEAKY_RELU:
         a = gain * tl.where(u >= 0.0, u, slope * u)
-    elif ACT == 4:  # GELU (exact, erf form, as torch's default)
+    elif ACT == GELU:  # exact, erf form, as torch's default
         a = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    elif ACT == 5:  # SILU
+    elif ACT == SILU:
         a = u * tl.sigmoid(u)
     else:
         a = u
@@ -99,21 +107,21 @@ def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
 def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
     """(act(u), d act / d u). Recomputing act here saves storing it in the forward."""
     w0, slope, gain = _act_params(act_ptr, layer)
-    if ACT == 1:
+    if ACT == SINE:
         a = _sin(w0 * u, FAST_SINE)
         # cos(t) = sin(t + pi/2): the same (fast) sine keeps forward and backward consistent
         da = w0 * _sin(w0 * u + 1.5707963267948966, FAST_SINE)
-    elif ACT == 2:
+    elif ACT == RELU:
         a = tl.maximum(u, 0.0)
         da = tl.where(u > 0.0, 1.0, 0.0)
-    elif ACT == 3:
+    elif ACT == LEAKY_RELU:
         a = gain * tl.where(u >= 0.0, u, slope * u)
         da = gain * tl.where(u >= 0.0, 1.0, slope)
-    elif ACT == 4:
+    elif ACT == GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
         a = u * cdf
         da = cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
-    elif ACT == 5:
+    elif ACT == SILU:
         sig = tl.sigmoid(u)
         a = u * sig
         da = sig * (1.0 + u * (1.0 - sig))
@@ -126,9 +134,9 @@ def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constex
 @triton.jit
 def _matmul(a, b, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b with float32 accumulation; a arrives in float32 and is cast to b's kind."""
-    if DOT_KIND == 1:
+    if DOT_KIND == DOT_FP16:
         c = tl.dot(a.to(tl.float16), b)
-    elif DOT_KIND == 2:
+    elif DOT_KIND == DOT_BF16:
         c = tl.dot(a.to(tl.bfloat16), b)
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
@@ -144,17 +152,17 @@ def _load_weight_t(w_layer_ptr, k, n, D: tl.constexpr):
 @triton.jit
 def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
               stride_sb, stride_tb, stride_mb, HID_PAD: tl.constexpr, ACT: tl.constexpr,
-              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_MULT: tl.constexpr,
               FAST_SINE: tl.constexpr):
-    """h = act(scale * z + shift) * mult for the columns `cols` of hidden layer `layer`."""
+    """h = act(scale * z + shift) * mult for the columns `cols` of hidden layer `layer`
+    (an absent modulation is a None pointer, so its code is not compiled)."""
     mod = layer * HID_PAD + cols
     u = z
-    if HAS_SCALE:
+    if scale_ptr is not None:
         u = u * tl.load(scale_ptr + b * stride_sb + mod)[None, :]
-    if HAS_SHIFT:
+    if shift_ptr is not None:
         u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
     h = _activation(u, act_ptr, layer, ACT, FAST_SINE)
-    if HAS_MULT:
+    if mult_ptr is not None:
         h = h * tl.load(mult_ptr + b * stride_mb + mod)[None, :]
     return h
 
@@ -185,9 +193,7 @@ def fused_mlp_fwd_kernel(
     stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
     NUM_LAYERS: tl.constexpr, D: tl.constexpr,
     IN_PAD: tl.constexpr, HID_PAD: tl.constexpr, OUT_PAD: tl.constexpr,
-    ACTS: tl.constexpr, FINAL_ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_MULT: tl.constexpr, SAVE_Z: tl.constexpr, FAST_SINE: tl.constexpr,
+    ACTS: tl.constexpr, FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
     GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0,
@@ -197,9 +203,10 @@ def fused_mlp_fwd_kernel(
     GRID_DIMS > 0 (rendering, B = 1): x is not read; row r's coordinates are those of grid
     point lin0 + r, made here from the grid's sizes and per-component affine maps.
 
-    With SAVE_Z the pre-activations z_l of the hidden layers go to z_ptr
-    ([L-1, M, HID_PAD] float32) and, when FINAL_ACT is not identity, z_{L-1} to zf_ptr
-    ([M, OUT]); backward recomputes everything else from them.
+    Absent tensors are None (bias, modulations, z, zf): their code is compiled out. Given
+    z_ptr, the pre-activations z_l of the hidden layers go there ([L-1, M, HID_PAD]
+    float32) and, given zf_ptr, z_{L-1} of an activated output layer ([M, OUT]);
+    backward recomputes everything else from them.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -209,7 +216,6 @@ def fused_mlp_fwd_kernel(
     grow = b * N + rows.to(tl.int64)
     m64 = b * 0 + M  # M as int64, so layer * M cannot wrap either
     w_base = w_ptr + b * stride_wb
-    b_base = b_ptr + b * stride_bb
 
     cin = tl.arange(0, IN_PAD)
     if GRID_DIMS > 0:
@@ -237,30 +243,28 @@ def fused_mlp_fwd_kernel(
         for j in range(0, HID_PAD, BLOCK_N):
             cj = j + tl.arange(0, BLOCK_N)
             zc = _matmul(h, _load_weight_t(w_base + 2 * p * D * D, kk, cj, D), DOT_KIND, PRECISION)
-            if HAS_BIAS:
-                zc += tl.load(b_base + 2 * p * D + cj)[None, :]
-            if SAVE_Z:
+            if b_ptr is not None:
+                zc += tl.load(b_ptr + b * stride_bb + 2 * p * D + cj)[None, :]
+            if z_ptr is not None:
                 tl.store(z_ptr + (2 * p * m64 + grow[:, None]) * HID_PAD + cj[None, :], zc,
                          mask=row_ok[:, None])
             hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                            stride_sb, stride_tb, stride_mb, HID_PAD,
-                           (ACTS >> (8 * p)) & 15,
-                           HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
+                           (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, FAST_SINE)
             acc += _matmul(hc, _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D),
                            DOT_KIND, PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_base + (2 * p + 1) * D + nb)[None, :]
+        if b_ptr is not None:
+            acc += tl.load(b_ptr + b * stride_bb + (2 * p + 1) * D + nb)[None, :]
         if 2 * p + 1 == NUM_LAYERS - 1:
             _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, 2 * p + 1,
-                          FINAL_ACT, SAVE_Z, FAST_SINE)
+                          FINAL_ACT, FAST_SINE)
         else:
-            if SAVE_Z:
+            if z_ptr is not None:
                 tl.store(z_ptr + ((2 * p + 1) * m64 + grow[:, None]) * HID_PAD + cfull[None, :],
                          acc, mask=row_ok[:, None])
             h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                           stride_sb, stride_tb, stride_mb, HID_PAD,
-                          (ACTS >> (8 * p + 4)) & 15,
-                          HAS_SCALE, HAS_SHIFT, HAS_MULT, FAST_SINE)
+                          (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, FAST_SINE)
 
     if NUM_LAYERS % 2 == 1:
         # An odd layer count leaves the output layer alone; its BLOCK_OUT-wide column
@@ -268,19 +272,19 @@ def fused_mlp_fwd_kernel(
         for j in range(0, OUT_PAD, BLOCK_OUT):
             cj = j + tl.arange(0, BLOCK_OUT)
             yc = _matmul(h, _load_weight_t(w_base + (NUM_LAYERS - 1) * D * D, cfull, cj, D), DOT_KIND, PRECISION)
-            if HAS_BIAS:
-                yc += tl.load(b_base + (NUM_LAYERS - 1) * D + cj)[None, :]
+            if b_ptr is not None:
+                yc += tl.load(b_ptr + b * stride_bb + (NUM_LAYERS - 1) * D + cj)[None, :]
             _store_output(yc, cj, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, NUM_LAYERS - 1,
-                          FINAL_ACT, SAVE_Z, FAST_SINE)
+                          FINAL_ACT, FAST_SINE)
 
 
 @triton.jit
 def _store_output(z, cols, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, layer,
-                  FINAL_ACT: tl.constexpr, SAVE_Z: tl.constexpr, FAST_SINE: tl.constexpr):
+                  FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr):
     offs = grow[:, None] * OUT + cols[None, :]
     mask = row_ok[:, None] & (cols < OUT)[None, :]
-    if FINAL_ACT != 0:
-        if SAVE_Z:
+    if FINAL_ACT != IDENTITY:
+        if zf_ptr is not None:
             tl.store(zf_ptr + offs, z, mask=mask)
         z = _activation(z, act_ptr, layer, FINAL_ACT, FAST_SINE)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -292,8 +296,7 @@ def fused_mlp_bwd_layer_kernel(
     dst_ptr, h_ptr, part_ptr,
     N, M, C, layer, stride_wb, stride_sb, stride_tb, stride_mb,
     K: tl.constexpr, D: tl.constexpr, HID_PAD: tl.constexpr, ACT: tl.constexpr,
-    HIDDEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_MULT: tl.constexpr, FAST_SINE: tl.constexpr,
+    HIDDEN: tl.constexpr, FAST_SINE: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -331,15 +334,15 @@ def fused_mlp_bwd_layer_kernel(
         mod = layer * HID_PAD + cols
         u = z
         s = tl.full((BLOCK_N,), 1.0, tl.float32)
-        if HAS_SCALE:
+        if scale_ptr is not None:
             s = tl.load(scale_ptr + b * stride_sb + mod)
             u = u * s[None, :]
-        if HAS_SHIFT:
+        if shift_ptr is not None:
             u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
         a, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE)
         h = a
         dmult = g * a
-        if HAS_MULT:
+        if mult_ptr is not None:
             m = tl.load(mult_ptr + b * stride_mb + mod)[None, :]
             h = a * m
             g = g * m

@@ -10,11 +10,15 @@ Backends
 
 Select with :func:`set_backend`, the context manager :func:`use_backend`, or the
 environment variable ``NFD_FAST_BACKEND`` (read at import).
+
+The setting is a plain module global, not a ContextVar: torch.compile reads it while
+tracing and guards on it (changing the backend recompiles), where a ContextVar read would
+break the graph. The ops pass the setting into their registered torch.library op, whose
+implementation calls :func:`resolve` on the real tensors, so tracing never sees it.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 from typing import Iterator, Optional
@@ -23,10 +27,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-_default = "auto"
-_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "nfd_fast_backend", default=None
-)
+_setting = "auto"
 
 
 def _validate(name: str) -> str:
@@ -53,29 +54,32 @@ def interpreter_enabled() -> bool:
 
 def set_backend(name: str) -> None:
     """Set the process-wide backend ("auto", "triton" or "torch")."""
-    global _default
+    global _setting
     name = _validate(name)
     if name == "triton":
         _require_triton()
-    _default = name
+    _setting = name
 
 
 def get_backend() -> str:
-    """The backend in force here: a use_backend() block's, else the process-wide one."""
-    return _override.get() or _default
+    """The backend setting in force ("auto", "triton" or "torch"); see :func:`resolve`
+    for what a given call runs."""
+    return _setting
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed block with another backend, restoring the previous one after."""
+    """Run the enclosed block with another backend, restoring the previous one after
+    (process-wide while the block runs: threads share it)."""
+    global _setting
     name = _validate(name)
     if name == "triton":
         _require_triton()
-    token = _override.set(name)
+    previous, _setting = _setting, name
     try:
         yield
     finally:
-        _override.reset(token)
+        _setting = previous
 
 
 def _require_triton() -> None:
@@ -90,8 +94,9 @@ def _require_triton() -> None:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve(op: str, *tensors: Optional[torch.Tensor]) -> str:
-    """Pick the implementation for one call of ``op`` on these tensors (None skipped).
+def resolve(op: str, *tensors: Optional[torch.Tensor], setting: Optional[str] = None) -> str:
+    """Pick the implementation ("triton" or "torch") for one call of ``op`` on these
+    tensors (None skipped) under ``setting`` (default: the current one).
 
     When a tensor's dtype is not one the kernels take (float64), "auto" falls back to the
     reference, while an explicit "triton" raises: silently running something else would
@@ -99,7 +104,7 @@ def resolve(op: str, *tensors: Optional[torch.Tensor]) -> str:
     """
     tensors = [t for t in tensors if t is not None]
     triton_dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in tensors)
-    name = get_backend()
+    name = _validate(setting) if setting is not None else _setting
     on_cuda = any(t.is_cuda for t in tensors)
     if name == "torch":
         return "torch"
@@ -122,4 +127,4 @@ def resolve(op: str, *tensors: Optional[torch.Tensor]) -> str:
 
 _env = os.environ.get("NFD_FAST_BACKEND")
 if _env:
-    _default = _validate(_env)
+    _setting = _validate(_env)

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the ops' launch glue (used only where Triton is present)."""
+"""Host-side helpers shared by the ops' launch glue."""
 from __future__ import annotations
 
 import functools
@@ -7,10 +7,9 @@ import torch
 
 
 def pad_pow2(n: int, minimum: int = 16) -> int:
-    """n rounded up to a power of two, at least `minimum` (tl.dot and tl.arange sizes)."""
-    import triton
-
-    return max(minimum, triton.next_power_of_2(n))
+    """n rounded up to a power of two, at least `minimum` (tl.dot and tl.arange sizes).
+    Plain Python: the ops' fake implementations use it where Triton may be absent."""
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
 
 
 def constant_table(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:

@@ -35,7 +35,7 @@ libdevice's sinf by a range-reduced polynomial (absolute error < 4e-7 at |x| < 1
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ from ._device import constant_table, host_table, pad_pow2
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
 MAX_IN, MAX_HIDDEN, MAX_OUT = 64, 512, 64
+
+# The tensor arguments of the op, grouped, in the order the op takes them.
+MLP_TENSOR_GROUPS = ("x", "weights", "biases", "scale", "shift", "mult")
 
 TensorList = Sequence[Optional[torch.Tensor]]
 PerLayer = Union[float, Sequence[float]]
@@ -83,12 +86,29 @@ class MLPInputs:
     def num_layers(self) -> int:
         return len(self.weights)
 
+    def tensors(self) -> list:
+        """Every tensor argument, absent ones skipped, in the order of MLP_TENSOR_GROUPS."""
+        return [t for group in MLP_TENSOR_GROUPS for t in _as_list(getattr(self, group))
+                if t is not None]
+
+    def with_tensors(self, flat) -> "MLPInputs":
+        """A copy whose tensors are `flat` (in the order of tensors()), absent ones kept absent."""
+        flat, changes = iter(flat), {}
+        for group in MLP_TENSOR_GROUPS:
+            entries = [None if t is None else next(flat) for t in _as_list(getattr(self, group))]
+            changes[group] = entries[0] if group == "x" else entries
+        return dataclasses.replace(self, **changes)
+
     def widths(self) -> list[int]:
         """[in, hidden_0, ..., out]."""
         return [self.weights[0].shape[-1]] + [w.shape[-2] for w in self.weights]
 
 
-# ----------------------------------------------------------------------------- validation
+def _as_list(value) -> list:
+    return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
+# ---------------------------------------------------------------------- spec and validation
 
 
 def _per_layer(value, count: int, name: str) -> list:
@@ -243,52 +263,34 @@ def reference_forward(p: MLPInputs) -> torch.Tensor:
         h = apply_activation(z, p.acts[l])
         if p.mult[l] is not None:
             h = h * _per_sample(p.mult[l], dtype)
-    h = h.to(p.x.dtype)
-    return h.squeeze(0) if p.squeeze_batch else h
+    return h.to(p.x.dtype)
 
 
-# ---------------------------------------------------------------------------- public op
+def reference_vjp(p: MLPInputs, grad_y: torch.Tensor, needs: Sequence[bool],
+                  create_graph: bool) -> list:
+    """Gradients of <reference_forward(p), grad_y> with respect to p.tensors() (None where
+    not needed). With create_graph the result stays connected to p's tensors and is
+    differentiable again (second order, on every backend). torch.func.vjp, unlike
+    torch.autograd.grad, also works inside a custom op's implementation."""
+    flat = p.tensors() if create_graph else [t.detach() for t in p.tensors()]
+    wanted = [i for i, need in enumerate(needs) if need]
+    out = [None] * len(flat)
+    if not wanted:
+        return out
+
+    def forward(*chosen):
+        full = list(flat)
+        for i, t in zip(wanted, chosen):
+            full[i] = t
+        return reference_forward(p.with_tensors(full))
+
+    _, vjp = torch.func.vjp(forward, *[flat[i] for i in wanted])
+    for i, g in zip(wanted, vjp(grad_y)):
+        out[i] = g
+    return out
 
 
-def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList] = None, *,
-              activation: Union[str, Sequence[str]] = "sine", w0: PerLayer = 30.0,
-              first_w0: Optional[float] = None, final_activation: str = "identity",
-              final_w0: Optional[float] = None, leaky_slope: float = 0.01,
-              leaky_gain: float = 1.0, scale: Optional[TensorList] = None,
-              shift: Optional[TensorList] = None, mult: Optional[TensorList] = None,
-              precision: Optional[str] = None, fast_sine: bool = False,
-              recompute: bool = False) -> torch.Tensor:
-    """Evaluate an MLP per coordinate; see the module docstring for the math and shapes.
-
-    Args:
-        x: coordinates [N, in] or [B, N, in].
-        weights: L >= 2 tensors [out, in] (shared) or [B, out, in] (per sample).
-        biases: None, or L entries, each None, [out] or [B, out].
-        activation: one name for all hidden layers or one per hidden layer.
-        w0: sine frequency, one for all hidden layers or one per hidden layer;
-            first_w0 overrides layer 0's (SIREN's first_omega_0).
-        final_activation / final_w0: the output layer's activation (default linear).
-        leaky_slope / leaky_gain: leaky_relu(u, slope) * gain (StyleGAN: 0.2, sqrt(2)).
-        scale / shift / mult: None, or L-1 entries, each None, [width] or [B, width].
-        precision: matmul operand precision, see the module docstring.
-        fast_sine: polynomial sine instead of libdevice's (kernel only).
-        recompute: keep nothing but x between forward and backward; backward re-runs
-            the fused forward to get the pre-activations (kernel only; see "Memory").
-
-    Returns: [N, out] or [B, N, out] in x's dtype.
-    """
-    p = prepare_inputs(x, weights, biases, activation=activation, w0=w0, first_w0=first_w0,
-                       final_activation=final_activation, final_w0=final_w0,
-                       leaky_slope=leaky_slope, leaky_gain=leaky_gain, scale=scale,
-                       shift=shift, mult=mult, precision=precision, fast_sine=fast_sine,
-                       recompute=recompute)
-    tensors = [p.x, *p.weights, *p.biases, *p.scale, *p.shift, *p.mult]
-    if backend.resolve("fused_mlp", *tensors) == "torch":
-        return reference_forward(p)
-    return _launch(p)
-
-
-# ------------------------------------------------------------------- Triton launch glue
+# ------------------------------------------------------------------------------- launch
 # Triton is imported lazily: nfd_fast must import (and serve the reference) without it.
 
 
@@ -328,29 +330,38 @@ class _Geometry:
 _PACK_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _pack_params(p: MLPInputs, g: _Geometry):
-    """Copy the (small) parameters into zero-padded buffers the kernel reads mask-free."""
+@dataclasses.dataclass
+class _Packed:
+    """The parameters copied into zero-padded buffers the kernels read mask-free; an
+    absent kind of parameter is None (the kernels compile its code out)."""
+
+    weights: torch.Tensor            # [Bw, L, D, D]
+    bias: Optional[torch.Tensor]     # [Bb, L, D]
+    scale: Optional[torch.Tensor]    # [Bs, L-1, HID_PAD]
+    shift: Optional[torch.Tensor]
+    mult: Optional[torch.Tensor]
+    act: torch.Tensor                # [L, 3] float32: (w0, slope, gain)
+
+
+def _pack_params(p: MLPInputs, g: _Geometry) -> _Packed:
     L, D, dev = p.num_layers, g.d, p.x.device
     widths = p.widths()
-
     bw = p.batch if any(w.dim() == 3 for w in p.weights) else 1
     w = torch.zeros(bw, L, D, D, device=dev, dtype=_PACK_DTYPE.get(p.precision, torch.float32))
     for l, wl in enumerate(p.weights):
         w[:, l, : widths[l + 1], : widths[l]] = wl
-    bias = None
-    if any(b is not None for b in p.biases):
-        bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev)
-    mods = {}
-    for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0)):
-        entries = getattr(p, name)
-        if any(t is not None for t in entries):
-            mods[name] = _pack_vectors(entries, p.batch, L - 1, g.hid_pad, fill, widths[1:], dev)
+    bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev)
+    mods = {name: _pack_vectors(getattr(p, name), p.batch, L - 1, g.hid_pad, fill, widths[1:], dev)
+            for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0))}
     act = constant_table(tuple((a.w0, a.slope, a.gain) for a in p.acts), torch.float32, dev)
-    return w, bias, mods, act
+    return _Packed(w, bias, mods["scale"], mods["shift"], mods["mult"], act)
 
 
-def _pack_vectors(entries, batch, count, width, fill, widths, device) -> torch.Tensor:
-    """Per-layer vectors ([w] or [B, w], or None) -> [B or 1, count, width] float32."""
+def _pack_vectors(entries, batch, count, width, fill, widths, device) -> Optional[torch.Tensor]:
+    """Per-layer vectors ([w] or [B, w], or None) -> [B or 1, count, width] float32, or
+    None when every entry is absent."""
+    if all(t is None for t in entries):
+        return None
     per_sample = any(t is not None and t.dim() == 2 for t in entries)
     out = torch.full((batch if per_sample else 1, count, width), fill, dtype=torch.float32,
                      device=device)
@@ -361,75 +372,67 @@ def _pack_vectors(entries, batch, count, width, fill, widths, device) -> torch.T
 
 
 def _stride0(t: Optional[torch.Tensor]) -> int:
-    """Batch stride of a packed buffer: 0 when it is shared by all samples."""
+    """Batch stride of a packed buffer: 0 when it is shared by all samples (or absent)."""
     return 0 if t is None or t.shape[0] == 1 else t.stride(0)
 
 
-def _act_code(name: str) -> int:
-    from ..kernels import fused_mlp as K
-
-    return {"identity": K.IDENTITY, "sine": K.SINE, "relu": K.RELU,
-            "leaky_relu": K.LEAKY_RELU, "gelu": K.GELU, "silu": K.SILU}[name]
-
-
 def _dot_config(precision: str):
+    """(DOT_KIND, input_precision) of the kernels' tl.dot for a precision mode."""
     from ..kernels import fused_mlp as K
 
-    if precision == "fp16":
-        return K.DOT_FP16, "ieee"
-    if precision == "bf16":
-        return K.DOT_BF16, "ieee"
-    return K.DOT_FP32, precision
+    kind = {"fp16": K.DOT_FP16, "bf16": K.DOT_BF16}.get(precision, K.DOT_FP32)
+    return kind.value, ("ieee" if precision in ("fp16", "bf16") else precision)
 
 
-def _launch_forward(p: MLPInputs, g: _Geometry, packed, save_z: bool, coord_grid=None):
-    """coord_grid: None, or (sizes int64 [D], affine float32 [D, 2], axes bit-field, start) to
-    make the coordinates in the kernel (then p.x only gives the shape)."""
+def _hidden_act_codes(p: MLPInputs) -> int:
+    """The hidden layers' activation codes packed into the kernel's ACTS bit-field."""
+    from ..kernels import fused_mlp as K
+
+    acts = 0
+    for l, a in enumerate(p.acts[:-1]):
+        acts += ACTIVATIONS.index(a.kind) * K.ACT_BASE.value ** l
+    return acts
+
+
+def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None):
+    """y [B, N, out], and with save_z the saved pre-activations (z [L-1, M, HID_PAD],
+    zf [M, out] or None). coord_grid: None, or (sizes int64 [D], affine float32 [D, 2],
+    axes bit-field, start) to make the coordinates in the kernel (p.x gives the shape)."""
     import triton
 
     from ..kernels import fused_mlp as K
 
-    w, bias, mods, act = packed
     B, N, IN = p.x.shape
     M, L, OUT = B * N, p.num_layers, p.widths()[-1]
-    x = p.x.contiguous() if coord_grid is None else p.x
-    y = torch.empty(B, N, OUT, device=x.device, dtype=x.dtype)
-    final_act = _act_code(p.acts[-1].kind)
-    z = torch.empty(L - 1, M, g.hid_pad, device=x.device, dtype=torch.float32) if save_z else None
-    zf = torch.empty(M, OUT, device=x.device, dtype=torch.float32) if save_z and final_act else None
-    dummy = act  # stands in for absent optional buffers; never read
-    acts = 0
-    for l, a in enumerate(p.acts[:-1]):
-        acts |= _act_code(a.kind) << (K.ACT_BITS * l)
+    dev = p.x.device
+    y = torch.empty(B, N, OUT, device=dev, dtype=p.x.dtype)
+    final_act = ACTIVATIONS.index(p.acts[-1].kind)
+    z = torch.empty(L - 1, M, g.hid_pad, device=dev, dtype=torch.float32) if save_z else None
+    zf = torch.empty(M, OUT, device=dev, dtype=torch.float32) if save_z and final_act else None
     dot_kind, prec = _dot_config(p.precision)
+    sizes, affine, axes, start = coord_grid or (None, None, 0, 0)
     grid = (triton.cdiv(N, g.block_m), B)
     K.fused_mlp_fwd_kernel[grid](
-        x, w, bias if bias is not None else dummy,
-        mods.get("scale", dummy), mods.get("shift", dummy), mods.get("mult", dummy), act,
-        y, z if z is not None else dummy, zf if zf is not None else dummy,
-        *(coord_grid[:2] if coord_grid else (dummy, dummy)), coord_grid[3] if coord_grid else 0,
-        N, IN, OUT, M,
-        _stride0(w), _stride0(bias), _stride0(mods.get("scale")), _stride0(mods.get("shift")),
-        _stride0(mods.get("mult")),
+        None if coord_grid else p.x.contiguous(), packed.weights, packed.bias, packed.scale,
+        packed.shift, packed.mult, packed.act, y, z, zf, sizes, affine, start,
+        N, IN, OUT, M, _stride0(packed.weights), _stride0(packed.bias), _stride0(packed.scale),
+        _stride0(packed.shift), _stride0(packed.mult),
         NUM_LAYERS=L, D=g.d, IN_PAD=g.in_pad, HID_PAD=g.hid_pad, OUT_PAD=g.out_pad,
-        ACTS=acts, FINAL_ACT=final_act, HAS_BIAS=bias is not None,
-        HAS_SCALE="scale" in mods, HAS_SHIFT="shift" in mods, HAS_MULT="mult" in mods,
-        SAVE_Z=save_z, FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
-        BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_OUT=g.block_out, num_warps=g.num_warps,
-        num_stages=g.num_stages, GRID_DIMS=IN if coord_grid else 0,
-        GRID_AXES=coord_grid[2] if coord_grid else 0,
+        ACTS=_hidden_act_codes(p), FINAL_ACT=final_act, FAST_SINE=p.fast_sine,
+        DOT_KIND=dot_kind, PRECISION=prec, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
+        BLOCK_OUT=g.block_out, num_warps=g.num_warps, num_stages=g.num_stages,
+        GRID_DIMS=IN if coord_grid else 0, GRID_AXES=axes,
     )
     return y, z, zf
 
 
-def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
+def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, layer, z):
     """Back through linear layer `layer` + 1. layer >= 0: returns (dz_layer, h_layer,
     column sums [4, B, HID_PAD] of dz, du, du*z, g*act); layer = -1: returns dx."""
     import triton
 
     from ..kernels import fused_mlp as K
 
-    w, _, mods, act = packed
     B, N, IN = p.x.shape
     M = B * N
     hidden = layer >= 0
@@ -439,19 +442,17 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed, dz, layer, z):
     tiles = triton.cdiv(N, 64)
     dev = p.x.device
     dst = torch.empty(M, cols, device=dev, dtype=torch.float32)
-    h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else dst
-    part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else dst
+    h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else None
+    part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else None
     dot_kind, prec = _dot_config(p.precision)
     grid = (tiles, triton.cdiv(cols, block_n), B)
     K.fused_mlp_bwd_layer_kernel[grid](
-        dz, w, z if z is not None else act,
-        mods.get("scale", act), mods.get("shift", act), mods.get("mult", act), act,
-        dst, h, part,
-        N, M, cols, layer, _stride0(w), _stride0(mods.get("scale")),
-        _stride0(mods.get("shift")), _stride0(mods.get("mult")),
-        K=dz.shape[1], D=g.d, HID_PAD=g.hid_pad, ACT=_act_code(p.acts[layer].kind) if hidden else 0,
-        HIDDEN=hidden, HAS_SCALE="scale" in mods, HAS_SHIFT="shift" in mods,
-        HAS_MULT="mult" in mods, FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
+        dz, packed.weights, z if hidden else None, packed.scale, packed.shift, packed.mult,
+        packed.act, dst, h, part, N, M, cols, layer, _stride0(packed.weights),
+        _stride0(packed.scale), _stride0(packed.shift), _stride0(packed.mult),
+        K=dz.shape[1], D=g.d, HID_PAD=g.hid_pad,
+        ACT=ACTIVATIONS.index(p.acts[layer].kind) if hidden else 0, HIDDEN=hidden,
+        FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
     )
     if not hidden:
@@ -464,97 +465,291 @@ def _reduce_param_grad(grad_bw: torch.Tensor, like: Optional[torch.Tensor]):
     if like is None:
         return None
     if like.dim() == grad_bw.dim() - 1:
-        grad_bw = grad_bw.sum(0)
-    return grad_bw.to(like.dtype)
+        return grad_bw.sum(0).to(like.dtype)
+    # a copy: the column-sum gradients are views of one buffer, and an op's outputs
+    # must not alias each other
+    return grad_bw.to(like.dtype, copy=True)
 
 
-class _FusedMLPFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p: MLPInputs, *tensors):
-        g = _Geometry.of(p.widths(), p.precision)
-        packed = _pack_params(p, g)
-        save = any(ctx.needs_input_grad[1:])
-        y, z, zf = _launch_forward(p, g, packed, save_z=save and not p.recompute)
-        if save:
-            # x goes through save_for_backward (version-checked); p keeps the shapes and
-            # options, packed the private copies of the parameters the kernels read
-            ctx.p, ctx.g, ctx.packed = p, g, packed
-            ctx.save_for_backward(z, zf, p.x)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        p, g, packed = ctx.p, ctx.g, ctx.packed
-        z, zf, x = ctx.saved_tensors
-        if p.recompute:
-            _, z, zf = _launch_forward(dataclasses.replace(p, x=x), g, packed, save_z=True)
-        B, N, IN = x.shape
-        M, L, widths = B * N, p.num_layers, p.widths()
-        dz = grad_y.reshape(M, widths[-1]).float().contiguous()
-        if zf is not None:  # through the final activation
-            with torch.enable_grad():
-                zf_ = zf.detach().requires_grad_()
-                dz = torch.autograd.grad(apply_activation(zf_, p.acts[-1]), zf_, dz)[0]
-        grads = {"weights": [None] * L, "biases": [None] * L,
-                 "scale": [None] * (L - 1), "shift": [None] * (L - 1), "mult": [None] * (L - 1)}
-        col_sums = None  # [4, B, HID_PAD] for layer l, from the kernel of layer l + 1
-        dx = None
-        for l in range(L - 1, -1, -1):
-            out_l, in_l = widths[l + 1], widths[l]
-            if l > 0:
-                dz_prev, h_prev, sums_prev = _launch_backward_layer(p, g, packed, dz, l - 1, z)
-                h_in = h_prev[:, :in_l]
-            else:
-                h_in = x.reshape(M, IN).float()
-                if ctx.needs_input_grad[1]:
-                    dx = _launch_backward_layer(p, g, packed, dz, -1, None)
-            dzb = dz[:, :out_l].reshape(B, N, out_l)
-            dw = torch.bmm(dzb.transpose(1, 2), h_in.reshape(B, N, in_l))
-            grads["weights"][l] = _reduce_param_grad(dw, p.weights[l])
-            db = dzb.sum(1) if col_sums is None else col_sums[0, :, :out_l]
-            grads["biases"][l] = _reduce_param_grad(db, p.biases[l])
-            if col_sums is not None:
-                for i, name in ((1, "shift"), (2, "scale"), (3, "mult")):
-                    grads[name][l] = _reduce_param_grad(col_sums[i, :, :out_l], getattr(p, name)[l])
-            if l > 0:
-                dz, col_sums = dz_prev, sums_prev
-        dx = None if dx is None else dx.reshape(x.shape).to(x.dtype)
-        return (None, dx, *grads["weights"], *grads["biases"], *grads["scale"],
-                *grads["shift"], *grads["mult"])
+def kernel_forward(p: MLPInputs, save_z: bool):
+    """The fused forward: (y [B, N, out], z or None, zf or None)."""
+    g = _Geometry.of(p.widths(), p.precision)
+    return _launch_forward(p, g, _pack_params(p, g), save_z)
 
 
-def _launch(p: MLPInputs) -> torch.Tensor:
-    if p.x.numel() == 0:  # nothing to launch; the reference keeps autograd connected
-        return reference_forward(p)
-    y = _FusedMLPFunction.apply(p, p.x, *p.weights, *p.biases, *p.scale, *p.shift, *p.mult)
-    return y.squeeze(0) if p.squeeze_batch else y
+def kernel_backward(p: MLPInputs, grad_y, z, zf, needs: Sequence[bool]) -> list:
+    """Gradients for p.tensors() from the fused backward kernels (None where not needed).
+
+    One kernel per layer computes dh = dz W with the activation derivative, the
+    modulation gradients and h_{l-1} in its epilogue; dW = dz^T h_{l-1} is a matmul."""
+    g = _Geometry.of(p.widths(), p.precision)
+    packed = _pack_params(p, g)
+    if z is None:  # recompute: re-run the fused forward for the pre-activations
+        _, z, zf = _launch_forward(p, g, packed, save_z=True)
+    B, N, IN = p.x.shape
+    M, L, widths = B * N, p.num_layers, p.widths()
+    dz = grad_y.reshape(M, widths[-1]).float().contiguous()
+    if zf is not None:  # through the final activation
+        _, vjp = torch.func.vjp(lambda u: apply_activation(u, p.acts[-1]), zf)
+        dz = vjp(dz)[0]
+    grads = {"x": None, "weights": [None] * L, "biases": [None] * L,
+             "scale": [None] * (L - 1), "shift": [None] * (L - 1), "mult": [None] * (L - 1)}
+    col_sums = None  # [4, B, HID_PAD] for layer l, from the kernel of layer l + 1
+    for l in range(L - 1, -1, -1):
+        out_l, in_l = widths[l + 1], widths[l]
+        if l > 0:
+            dz_prev, h_prev, sums_prev = _launch_backward_layer(p, g, packed, dz, l - 1, z)
+            h_in = h_prev[:, :in_l]
+        else:
+            h_in = p.x.reshape(M, IN).float()
+            if needs[0]:
+                grads["x"] = _launch_backward_layer(p, g, packed, dz, -1, None)
+        dzb = dz[:, :out_l].reshape(B, N, out_l)
+        dw = torch.bmm(dzb.transpose(1, 2), h_in.reshape(B, N, in_l))
+        grads["weights"][l] = _reduce_param_grad(dw, p.weights[l])
+        db = dzb.sum(1) if col_sums is None else col_sums[0, :, :out_l]
+        grads["biases"][l] = _reduce_param_grad(db, p.biases[l])
+        if col_sums is not None:
+            for i, name in ((1, "shift"), (2, "scale"), (3, "mult")):
+                grads[name][l] = _reduce_param_grad(col_sums[i, :, :out_l], getattr(p, name)[l])
+        if l > 0:
+            dz, col_sums = dz_prev, sums_prev
+    if grads["x"] is not None:
+        grads["x"] = grads["x"].reshape(p.x.shape).to(p.x.dtype)
+    # in the order of p.tensors(): the gradients of the present tensors
+    flat = [gr for group in MLP_TENSOR_GROUPS
+            for gr, t in zip(_as_list(grads[group]) if group != "x" else [grads["x"]],
+                             _as_list(getattr(p, group)))
+            if t is not None]
+    return [gr if need else None for gr, need in zip(flat, needs)]
 
 
-def grid_evaluator(field, grid, device):
-    """For render(): chunk (start, count) -> values, with the coordinates made inside the
-    fused kernel, when `field` is a fused MLP module (it has fused_mlp_arguments()) and the
-    Triton backend serves it on `device`; else None."""
-    if not hasattr(field, "fused_mlp_arguments") or len(grid.shape) != field.in_features:
-        return None
-    arguments = field.fused_mlp_arguments()
-    probe = torch.empty(1, 1, grid.dims, device=device, dtype=arguments["weights"][0].dtype)
+def fused_mlp_grid_evaluator(arguments: dict, sizes: Sequence[int], affine, axes: Sequence[int],
+                             device) -> Optional[Callable[[int, int], torch.Tensor]]:
+    """(start, count) -> values [count, out] of the MLP at grid points start ..
+    start + count - 1 (C order), the coordinates made inside the fused kernel: component c
+    is affine[c][0] + index[axes[c]] * affine[c][1]. `arguments`: fused_mlp's keyword
+    arguments but x and the modulations. None when the Triton backend does not serve
+    these parameters on `device` (the caller then evaluates coordinates it makes)."""
+    probe = torch.empty(1, 1, len(axes), device=device, dtype=arguments["weights"][0].dtype)
     p0 = prepare_inputs(probe, **arguments)
-    if backend.resolve("fused_mlp", probe, *p0.weights, *p0.biases) != "triton":
+    if backend.resolve("fused_mlp", *p0.tensors()) != "triton":
         return None
-    axes = 0
-    for c, a in enumerate(grid.component_axes()):
-        axes |= a << (2 * c)
-    sizes = host_table(grid.shape, torch.int64, device)
-    affine = host_table([[grid.offset[a], grid.step[a]] for a in grid.component_axes()],
-                        torch.float32, device)
+    axes_field = 0
+    for c, a in enumerate(axes):
+        axes_field |= a << (2 * c)
+    sizes_t = host_table(list(sizes), torch.int64, device)
+    affine_t = host_table([list(row) for row in affine], torch.float32, device)
     g = _Geometry.of(p0.widths(), p0.precision)
     packed = _pack_params(p0, g)
 
     def evaluate(start: int, count: int) -> torch.Tensor:
-        shape_only = probe.expand(1, count, grid.dims)  # no memory: the kernel makes x
+        shape_only = probe.expand(1, count, len(axes))  # no memory: the kernel makes x
         p = dataclasses.replace(p0, x=shape_only)
         y, _, _ = _launch_forward(p, g, packed, save_z=False,
-                                  coord_grid=(sizes, affine, axes, start))
+                                  coord_grid=(sizes_t, affine_t, axes_field, start))
         return y[0]
 
     return evaluate
+
+
+# ------------------------------------------------------------------------- registration
+# nfd_fast::fused_mlp is a torch.library custom op: torch.compile sees one opaque node
+# (no graph break), its fake implementation gives shapes, and its autograd is registered.
+# Optional tensor lists cannot carry gradients through a custom op's autograd, so each
+# optional group is passed as the list of present tensors plus a bit mask of their layers.
+
+
+def _present(entries) -> tuple:
+    """(present tensors, bit mask of their positions)."""
+    mask = 0
+    for l, t in enumerate(entries):
+        if t is not None:
+            mask |= 1 << l
+    return [t for t in entries if t is not None], mask
+
+
+def _placed(tensors, mask: int, count: int) -> list:
+    it = iter(tensors)
+    return [next(it) if mask >> l & 1 else None for l in range(count)]
+
+
+def _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
+               mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
+               recompute) -> MLPInputs:
+    """The op's flat arguments back to an MLPInputs (x arrives batched)."""
+    L = len(weights)
+    acts = [LayerActivation(ACTIVATIONS[c], w, leaky_slope, leaky_gain)
+            for c, w in zip(activations, w0)]
+    return MLPInputs(x, list(weights), _placed(biases, bias_mask, L),
+                     _placed(scale, scale_mask, L - 1), _placed(shift, shift_mask, L - 1),
+                     _placed(mult, mult_mask, L - 1), acts, x.shape[0], False, precision,
+                     fast_sine, recompute)
+
+
+def _empty_f32(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("nfd_fast::fused_mlp", mutates_args=())
+def _fused_mlp_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
+                  bias_mask: int, scale: List[torch.Tensor], scale_mask: int,
+                  shift: List[torch.Tensor], shift_mask: int, mult: List[torch.Tensor],
+                  mult_mask: int, activations: List[int], w0: List[float],
+                  leaky_slope: float, leaky_gain: float, precision: str, fast_sine: bool,
+                  recompute: bool, save_activations: bool, backend_setting: str
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y [B, N, out] and the saved pre-activations (z, zf; empty when not saved)."""
+    p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
+                   mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
+                   recompute)
+    if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
+            or x.numel() == 0:
+        return reference_forward(p), _empty_f32(x), _empty_f32(x)
+    y, z, zf = kernel_forward(p, save_z=save_activations and not recompute)
+    return y, _empty_f32(x) if z is None else z, _empty_f32(x) if zf is None else zf
+
+
+@_fused_mlp_op.register_fake
+def _fused_mlp_fake(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
+                    mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
+                    recompute, save_activations, backend_setting):
+    B, N, _ = x.shape
+    out = weights[-1].shape[-2]
+    y = x.new_empty(B, N, out)
+    tensors = [x, *weights, *biases, *scale, *shift, *mult]
+    saved = save_activations and not recompute and x.numel() > 0 and \
+        backend.resolve("fused_mlp", *tensors, setting=backend_setting) == "triton"
+    if not saved:
+        return y, _empty_f32(x), _empty_f32(x)
+    hid_pad = pad_pow2(max(w.shape[-2] for w in weights[:-1]))
+    z = x.new_empty(len(weights) - 1, B * N, hid_pad, dtype=torch.float32)
+    zf = x.new_empty(B * N, out, dtype=torch.float32) if activations[-1] else _empty_f32(x)
+    return y, z, zf
+
+
+@torch.library.custom_op("nfd_fast::fused_mlp_backward", mutates_args=())
+def _fused_mlp_backward_op(grad_y: torch.Tensor, z: torch.Tensor, zf: torch.Tensor,
+                           x: torch.Tensor, weights: List[torch.Tensor],
+                           biases: List[torch.Tensor], bias_mask: int,
+                           scale: List[torch.Tensor], scale_mask: int,
+                           shift: List[torch.Tensor], shift_mask: int,
+                           mult: List[torch.Tensor], mult_mask: int, activations: List[int],
+                           w0: List[float], leaky_slope: float, leaky_gain: float,
+                           precision: str, fast_sine: bool, recompute: bool,
+                           needs: List[bool], backend_setting: str) -> List[torch.Tensor]:
+    """First-order gradients for every tensor input in order (empty where not needed)."""
+    p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
+                   mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
+                   recompute)
+    if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
+            or x.numel() == 0:
+        grads = reference_vjp(p, grad_y, needs, create_graph=False)
+    else:
+        saved = z.numel() > 0 or p.x.numel() == 0
+        grads = kernel_backward(p, grad_y, z if saved else None,
+                                zf if zf.numel() > 0 else None, needs)
+    return [g.contiguous() if g is not None else _empty_f32(x) for g in grads]
+
+
+@_fused_mlp_backward_op.register_fake
+def _fused_mlp_backward_fake(grad_y, z, zf, x, weights, biases, bias_mask, scale, scale_mask,
+                             shift, shift_mask, mult, mult_mask, activations, w0, leaky_slope,
+                             leaky_gain, precision, fast_sine, recompute, needs,
+                             backend_setting):
+    tensors = [x, *weights, *biases, *scale, *shift, *mult]
+    return [torch.empty_like(t) if need else _empty_f32(x) for t, need in zip(tensors, needs)]
+
+
+_TENSOR_ARGS = (0, 1, 2, 4, 6, 8)  # positions of x and the tensor lists among the op's inputs
+
+
+def _setup_context(ctx, inputs, output):
+    _, z, zf = output
+    ctx.mark_non_differentiable(z, zf)
+    ctx.inputs_meta = [inputs[i] for i in range(len(inputs)) if i not in _TENSOR_ARGS]
+    tensors = [inputs[0], *[t for i in _TENSOR_ARGS[1:] for t in inputs[i]]]
+    ctx.group_sizes = [len(inputs[i]) for i in _TENSOR_ARGS[1:]]
+    ctx.save_for_backward(z, zf, *tensors)
+
+
+def _regroup(flat, sizes) -> list:
+    """[x, w..., b..., s..., t..., m...] -> [x, [w...], [b...], [s...], [t...], [m...]]."""
+    out, i = [flat[0]], 1
+    for n in sizes:
+        out.append(list(flat[i:i + n]))
+        i += n
+    return out
+
+
+def _backward(ctx, grad_y, _grad_z, _grad_zf):
+    z, zf, *tensors = ctx.saved_tensors
+    (bias_mask, scale_mask, shift_mask, mult_mask, activations, w0, leaky_slope, leaky_gain,
+     precision, fast_sine, recompute, _save, setting) = ctx.inputs_meta
+    needs_tree = [ctx.needs_input_grad[i] for i in _TENSOR_ARGS]
+    needs = [needs_tree[0]] + [n for group in needs_tree[1:] for n in group]
+    x, weights, biases, scale, shift, mult = _regroup(tensors, ctx.group_sizes)
+    if torch.is_grad_enabled():  # create_graph: the differentiable reference VJP
+        p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask,
+                       mult, mult_mask, activations, w0, leaky_slope, leaky_gain, precision,
+                       fast_sine, recompute)
+        grads = reference_vjp(p, grad_y, needs, create_graph=True)
+    else:
+        raw = torch.ops.nfd_fast.fused_mlp_backward(
+            grad_y, z, zf, x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask,
+            mult, mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
+            recompute, needs, setting)
+        grads = [g if need else None for g, need in zip(raw, needs)]
+    gx, gw, gb, gs, gt, gm = _regroup(grads, ctx.group_sizes)
+    return (gx, gw, gb, None, gs, None, gt, None, gm, None) + (None,) * 9
+
+
+_fused_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- public op
+
+
+def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList] = None, *,
+              activation: Union[str, Sequence[str]] = "sine", w0: PerLayer = 30.0,
+              first_w0: Optional[float] = None, final_activation: str = "identity",
+              final_w0: Optional[float] = None, leaky_slope: float = 0.01,
+              leaky_gain: float = 1.0, scale: Optional[TensorList] = None,
+              shift: Optional[TensorList] = None, mult: Optional[TensorList] = None,
+              precision: Optional[str] = None, fast_sine: bool = False,
+              recompute: bool = False) -> torch.Tensor:
+    """Evaluate an MLP per coordinate; see the module docstring for the math and shapes.
+
+    Args:
+        x: coordinates [N, in] or [B, N, in].
+        weights: L >= 2 tensors [out, in] (shared) or [B, out, in] (per sample).
+        biases: None, or L entries, each None, [out] or [B, out].
+        activation: one name for all hidden layers or one per hidden layer.
+        w0: sine frequency, one for all hidden layers or one per hidden layer;
+            first_w0 overrides layer 0's (SIREN's first_omega_0).
+        final_activation / final_w0: the output layer's activation (default linear).
+        leaky_slope / leaky_gain: leaky_relu(u, slope) * gain (StyleGAN: 0.2, sqrt(2)).
+        scale / shift / mult: None, or L-1 entries, each None, [width] or [B, width].
+        precision: matmul operand precision, see the module docstring.
+        fast_sine: polynomial sine instead of libdevice's (kernel only).
+        recompute: keep nothing but x between forward and backward; backward re-runs
+            the fused forward to get the pre-activations (kernel only; see "Memory").
+
+    Returns: [N, out] or [B, N, out] in x's dtype. Differentiable to any order in every
+    input (second order through the reference's math, see the module docstring).
+    """
+    p = prepare_inputs(x, weights, biases, activation=activation, w0=w0, first_w0=first_w0,
+                       final_activation=final_activation, final_w0=final_w0,
+                       leaky_slope=leaky_slope, leaky_gain=leaky_gain, scale=scale,
+                       shift=shift, mult=mult, precision=precision, fast_sine=fast_sine,
+                       recompute=recompute)
+    tensors = p.tensors()
+    # saving the pre-activations only pays when a backward can follow
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    groups = [_present(getattr(p, name)) for name in ("biases", "scale", "shift", "mult")]
+    y, _, _ = torch.ops.nfd_fast.fused_mlp(
+        p.x, p.weights, *groups[0], *groups[1], *groups[2], *groups[3],
+        [ACTIVATIONS.index(a.kind) for a in p.acts], [a.w0 for a in p.acts],
+        p.acts[0].slope, p.acts[0].gain, p.precision, p.fast_sine, p.recompute, save,
+        backend.get_backend())
+    return y.squeeze(0) if p.squeeze_batch else y
