@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..diffusion import NoiseSchedule, sample
-from ..nn import FusedMLP, ModulatedSiren
-from ..ops import q_sample
+from ..nn import ModulatedSiren
+from .blocks import (FieldModel, LatentDenoiser, RunningStandardiser, diffusion_loss, observation_mask,
+                     train_loop)
 
 
 # ------------------------------------------------------------------------------- data
@@ -62,26 +62,7 @@ def toy_signals(n: int, length: int = 256, generator=None) -> torch.Tensor:
     return x[torch.randperm(n, generator=generator)]
 
 
-def observation_mask(n: int, length: int = 256, ratio: float = 0.2, generator=None) -> torch.Tensor:
-    """Exactly round(ratio * length) random observed positions per signal, bool [n, length]."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    k = max(1, round(ratio * length))
-    order = torch.rand(n, length, generator=generator).argsort(dim=1)
-    mask = torch.zeros(n, length, dtype=torch.bool)
-    mask.scatter_(1, order[:, :k], True)
-    return mask
-
-
 # ----------------------------------------------------------------------------- model
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """The sinusoidal embedding of integer timesteps [B] -> [B, dim]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float().unsqueeze(-1) * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 @dataclasses.dataclass
@@ -130,24 +111,12 @@ class SparseEncoder(nn.Module):
         return self.net(torch.cat([dense, mask.to(values.dtype)], dim=-1))
 
 
-class Denoiser(nn.Module):
-    """eps(z_t, t[, cond]) = FusedMLP(z_t + P(emb(t)) [+ Q(cond)])."""
-
-    def __init__(self, latent_dim: int, width: int, conditional: bool):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.time = nn.Sequential(nn.Linear(latent_dim, latent_dim), nn.SiLU(), nn.Linear(latent_dim, latent_dim))
-        self.cond = nn.Linear(latent_dim, latent_dim) if conditional else None
-        self.mlp = FusedMLP(latent_dim, width, latent_dim, hidden_layers=2, activation="silu")
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = z + self.time(timestep_embedding(t, self.latent_dim))
-        if self.cond is not None and cond is not None:
-            h = h + self.cond(cond)
-        return self.mlp(h)
+def Denoiser(latent_dim: int, width: int, conditional: bool) -> LatentDenoiser:
+    """eps(z_t, t[, cond]) = FusedMLP(z_t + P(emb(t)) [+ Q(cond)]), cond the encoder's latent."""
+    return LatentDenoiser(latent_dim, width, cond_dim=latent_dim if conditional else None)
 
 
-class LatentField(nn.Module):
+class LatentField(FieldModel):
     """Approach 1: sparse encoder, modulated SIREN decoder, latent DDPM denoiser."""
 
     def __init__(self, config: Optional[LatentFieldConfig] = None):
@@ -158,18 +127,21 @@ class LatentField(nn.Module):
                                       first_omega_0=c.first_omega_0)
         self.denoiser = Denoiser(c.latent_dim, c.denoiser_width, c.conditional)
         self.schedule = NoiseSchedule("cosine", c.timesteps)
-        # Diffusion runs on standardised latents (the decoder's shift modulations keep z
-        # near 0.03 in scale, where the noise would swamp them): per-dimension mean and
-        # std, tracked as an exponential moving average while training (as LDM's scale factor).
-        self.register_buffer("latent_mean", torch.zeros(c.latent_dim))
-        self.register_buffer("latent_std", torch.ones(c.latent_dim))
-        self.latent_momentum = 0.05
+        # Diffusion runs on standardised latents: the decoder's shift modulations keep z
+        # near 0.03 in scale, where the noise would swamp them.
+        self.standardiser = RunningStandardiser(c.latent_dim, momentum=0.05)
 
-    def _apply(self, fn, *args, **kwargs):
-        # every device move (.to, .cuda, .cpu) goes through _apply: the schedule follows
-        module = super()._apply(fn, *args, **kwargs)
-        self.schedule = self.schedule.to(self.latent_mean.device)
-        return module
+    @classmethod
+    def from_config(cls, config: dict) -> "LatentField":
+        return cls(LatentFieldConfig(**config))
+
+    @property
+    def latent_mean(self) -> torch.Tensor:
+        return self.standardiser.mean
+
+    @property
+    def latent_std(self) -> torch.Tensor:
+        return self.standardiser.std
 
     def decode(self, z: torch.Tensor, resolution: int) -> torch.Tensor:
         """Signals [B, resolution] from latents [B, latent_dim], at any resolution."""
@@ -180,30 +152,19 @@ class LatentField(nn.Module):
         """{'reconstruction', 'diffusion'}: the dual loss of one batch."""
         z0 = self.encoder(signals, mask)
         recon = ((self.decode(z0, signals.shape[1]) - signals) ** 2).mean()
-        z0 = z0.detach()
+        z0 = z0.detach()  # the encoder serves reconstruction; diffusion learns its latents
         if self.training:
-            with torch.no_grad():
-                mom = self.latent_momentum
-                self.latent_mean.lerp_(z0.mean(0), mom)
-                self.latent_std.lerp_(z0.std(0).clamp_min(1e-6) if len(z0) > 1 else self.latent_std, mom)
-        cond_latent = z0
-        z0 = self.standardise(z0)
-        B = z0.shape[0]
-        t = torch.randint(0, self.config.timesteps, (B,), device=z0.device, generator=generator)
-        noise = torch.randn(z0.shape, device=z0.device, generator=generator)
-        z_t = q_sample(z0, t, noise, self.schedule, validate=False)
-        cond = None
-        if self.config.conditional:
-            keep = torch.rand(B, 1, device=z0.device, generator=generator) >= self.config.cond_dropout
-            cond = cond_latent * keep
-        diff = ((self.denoiser(z_t, t, cond) - noise) ** 2).mean()
+            self.standardiser.update(z0)
+        cond = z0 if self.config.conditional else None
+        diff = diffusion_loss(self.denoiser, self.standardise(z0), self.schedule, cond=cond,
+                              cond_dropout=self.config.cond_dropout, generator=generator)
         return {"reconstruction": recon, "diffusion": diff}
 
     def standardise(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.latent_mean) / self.latent_std
+        return self.standardiser.standardise(z)
 
     def unstandardise(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.latent_std + self.latent_mean
+        return self.standardiser.unstandardise(z)
 
     @torch.no_grad()
     def reconstruct(self, signals: torch.Tensor, mask: torch.Tensor, resolution: Optional[int] = None):
@@ -246,37 +207,29 @@ def train(model: LatentField, signals: torch.Tensor, mask: torch.Tensor, *, epoc
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     dgen = torch.Generator(device).manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = signals.shape[0]
     steps_per_epoch = -(-n // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     ratio = mask.float().mean().item()
-    history = {"reconstruction": [], "diffusion": []}
-    bar = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
+    epoch = {}
 
-        bar = tqdm(bar, desc="train approach 1", unit="epoch")
-    start = time.perf_counter()
-    for _ in bar:
-        sums = {"reconstruction": 0.0, "diffusion": 0.0}
-        order = torch.randperm(n, generator=gen)
-        epoch_mask = observation_mask(n, signals.shape[1], ratio, gen) if resample_masks else mask
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            losses = model.losses(signals[idx].to(device), epoch_mask[idx].to(device), generator=dgen)
-            loss = recon_weight * losses["reconstruction"] + diffusion_weight * losses["diffusion"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k in sums:
-                sums[k] += losses[k].item() * len(idx)
-        for k in sums:
-            history[k].append(sums[k] / n)
-        if progress:
-            bar.set_postfix(recon=f"{history['reconstruction'][-1]:.4f}", diff=f"{history['diffusion'][-1]:.3f}")
-    history["seconds"] = time.perf_counter() - start
+    def batch(step: int):
+        i = step % steps_per_epoch
+        if i == 0:  # a new epoch: fresh order (and masks)
+            epoch["order"] = torch.randperm(n, generator=gen)
+            epoch["mask"] = observation_mask(n, signals.shape[1], ratio, gen) if resample_masks else mask
+        idx = epoch["order"][i * batch_size:(i + 1) * batch_size]
+        return signals[idx].to(device), epoch["mask"][idx].to(device)
+
+    steps = epochs * steps_per_epoch
+    per_step = train_loop(model.parameters(), lambda b: model.losses(*b, generator=dgen), batch, steps,
+                          lr=lr, weights={"reconstruction": recon_weight, "diffusion": diffusion_weight},
+                          progress=progress, desc="train approach 1")
+    sizes = torch.tensor([min(batch_size, n - i * batch_size) for i in range(steps_per_epoch)], dtype=torch.float64)
+    history = {}
+    for k in ("reconstruction", "diffusion"):
+        values = torch.tensor(per_step[k], dtype=torch.float64).view(epochs, steps_per_epoch)
+        history[k] = ((values * sizes).sum(1) / n).tolist()
+    history["seconds"] = per_step["seconds"]
     return history
 
 
