@@ -1,8 +1,13 @@
 """render: grids equal the field on explicitly built coordinates; files are complete and
-resumable; ranks split the work; the fused in-kernel-coordinate path agrees; bad input."""
+resumable; ranks split the work; the fused in-kernel-coordinate path agrees; bad input;
+a file render never mixes two renders (identity, lock, literal names, unfinished marks)."""
+import importlib
+import math
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,7 @@ from nfd_fast.render import GridSpec, render
 from conftest import DEVICE, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
+render_module = importlib.import_module("nfd_fast.render")  # the package exports a function of that name
 
 
 def poly_field(c: torch.Tensor) -> torch.Tensor:
@@ -78,8 +84,9 @@ def test_file_output_is_complete_and_leaves_no_records(tmp_path):
 
 def _render_script(out: Path, kill_after: int, shape=(40, 30), chunk=97) -> str:
     return textwrap.dedent(f"""
-        import os, signal, torch
+        import importlib, os, signal, torch
         from nfd_fast.render import render
+        importlib.import_module("nfd_fast.render").SYNC_INTERVAL_S = 0  # record every chunk
         calls = 0
         def field(c):
             global calls
@@ -208,10 +215,6 @@ def test_resumed_render_preview_includes_the_chunks_finished_before(tmp_path):
 
 
 def test_several_ranks_need_a_file_and_no_preview(tmp_path, monkeypatch):
-    import importlib
-
-    render_module = importlib.import_module("nfd_fast.render")  # the package exports a function of that name
-
     monkeypatch.setattr(render_module, "_distributed", lambda: (0, 2))
     calls = []
 
@@ -237,7 +240,7 @@ def test_bad_input(tmp_path):
         render(poly_field, (2, 2, 2, 2, 2), progress=False)
     with pytest.raises(ValueError, match="field: takes 2-D coordinates, the grid has 3 axes"):
         render(siren, (4, 4, 4), progress=False)
-    with pytest.raises(ValueError, match="field: failed on \\[1, 2\\] coordinates"):
+    with pytest.raises(ValueError, match="field: failed on \\[16, 2\\] coordinates"):
         render(lambda c: c @ torch.ones(3, 3), (4, 4), progress=False)
     with pytest.raises(PermissionError, match="cannot write into"):
         render(poly_field, (4, 4), out=tmp_path / "missing" / "x.npy", progress=False)
@@ -249,6 +252,258 @@ def test_resume_onto_a_file_of_another_shape_is_refused_and_harmless(tmp_path):
     out = tmp_path / "other.npy"
     np.save(out, np.arange(12, dtype=np.float32).reshape(3, 4))
     before = out.read_bytes()
-    with pytest.raises(ValueError, match="refusing to overwrite it"):
+    with pytest.raises(ValueError, match="is not an unfinished render"):
         render(poly_field, (5, 5), out=out, progress=False)
     assert out.read_bytes() == before
+
+
+# ------------------------------------------- a file render never mixes two renders
+
+
+def three_channels(c: torch.Tensor) -> torch.Tensor:
+    """The field of the kill scripts above, as a plain function."""
+    return torch.stack([c[:, 0] * 3, c[:, 1] - c[:, 0], (c ** 2).sum(1)], 1)
+
+
+class Stop(Exception):
+    """Stands for a render interrupted mid-way (Ctrl-C, a failing chunk)."""
+
+
+def stop_after(field, chunks: int):
+    """`field`, raising Stop at its call after the probe and `chunks` chunks."""
+    calls = []
+
+    def stopping(c):
+        calls.append(len(c))
+        if len(calls) == chunks + 2:
+            raise Stop
+        return field(c)
+
+    return stopping
+
+
+def counting(calls: list):
+    return lambda c: (calls.append(len(c)), three_channels(c))[1]
+
+
+def fresh(shape=(40, 30), field=three_channels) -> np.ndarray:
+    return render(field, shape, chunk_size=4096, progress=False).numpy()
+
+
+def test_render_killed_in_its_first_chunk_resumes_from_the_start(tmp_path):
+    out = tmp_path / "first.npy"
+    res = subprocess.run([sys.executable, "-c", _render_script(out, kill_after=0)],
+                         capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    calls = []
+    render(counting(calls), (40, 30), out=out, chunk_size=97, progress=False)
+    assert len(calls) == 1 + 13  # the probe and every chunk: nothing was taken as finished
+    np.testing.assert_array_equal(np.load(out), fresh())
+
+
+def test_an_interrupted_render_keeps_its_finished_chunks(tmp_path):
+    out = tmp_path / "stopped.npy"
+    with pytest.raises(Stop):  # never synced on a timer: the interruption itself records them
+        render(stop_after(three_channels, 4), (40, 30), out=out, chunk_size=97, progress=False)
+    calls = []
+    render(counting(calls), (40, 30), out=out, chunk_size=97, progress=False)
+    assert len(calls) == 1 + 13 - 4
+    np.testing.assert_array_equal(np.load(out), fresh())
+    assert os.listdir(tmp_path) == ["stopped.npy"]  # no progress or lock file left
+
+
+def test_an_existing_array_of_the_same_shape_is_refused_not_kept(tmp_path):
+    out = tmp_path / "same.npy"
+    old = np.random.default_rng(0).standard_normal((6, 7, 4)).astype(np.float32)
+    np.save(out, old)
+    with pytest.raises(ValueError, match="not an unfinished render.*resume=False"):
+        render(poly_field, (6, 7), out=out, progress=False)
+    np.testing.assert_array_equal(np.load(out), old)
+    render(poly_field, (6, 7), out=out, progress=False, resume=False)  # explicitly: start over
+    np.testing.assert_array_equal(np.load(out), render(poly_field, (6, 7), progress=False).numpy())
+
+
+def test_resuming_another_render_is_refused_saying_what_differs(tmp_path):
+    out = tmp_path / "mixed.npy"
+    with pytest.raises(Stop):
+        render(stop_after(three_channels, 3), (40, 30), out=out, chunk_size=97, progress=False)
+    before = out.read_bytes()
+    attempts = [
+        (dict(field=lambda c: three_channels(c) * 1.5), "field: its values at the probe points differ"),
+        (dict(chunk_size=100), "chunk_size: was 97, now 100"),
+        (dict(bounds=[(0.0, 1.0), (-1.0, 1.0)]), r"bounds: was \[\[-1.0, 1.0\], \[-1.0, 1.0\]\], now"),
+        (dict(pixel_centers=True), "pixel_centers: was False, now True"),
+        (dict(dtype=torch.float16), "dtype: was float32, now float16"),
+    ]
+    for change, what in attempts:
+        options = {"chunk_size": 97, **change}
+        field = options.pop("field", three_channels)
+        with pytest.raises(ValueError, match=what + ".*resume=False"):
+            render(field, (40, 30), out=out, progress=False, **options)
+    assert out.read_bytes() == before
+    render(three_channels, (40, 30), out=out, chunk_size=97, progress=False)  # the same one resumes
+    np.testing.assert_array_equal(np.load(out), fresh())
+
+
+class StopAfter(torch.nn.Module):
+    """A module field that raises Stop after the probe and `chunks` chunks."""
+
+    def __init__(self, inner: torch.nn.Module, chunks: int):
+        super().__init__()
+        self.inner, self.left = inner, chunks + 1
+
+    def forward(self, c):
+        if self.left == 0:
+            raise Stop
+        self.left -= 1
+        return self.inner(c)
+
+
+def test_a_module_with_changed_parameters_is_refused(tmp_path):
+    torch.manual_seed(0)
+    siren = Siren(2, 16, 1, 3)
+    out = tmp_path / "siren.npy"
+    with nfd_fast.use_backend("torch"):
+        with pytest.raises(Stop):
+            render(StopAfter(siren, 2), (40, 30), out=out, chunk_size=97, progress=False)
+        with torch.no_grad():  # too small to show at the probe points: only the state tells
+            siren.net[-1].weight[0, 0] += 1e-6
+        with pytest.raises(ValueError, match="field: its parameters or buffers differ"):
+            render(StopAfter(siren, 99), (40, 30), out=out, chunk_size=97, progress=False)
+
+
+def test_output_names_are_matched_literally_not_as_patterns(tmp_path):
+    plain, pattern = tmp_path / "frame1.npy", tmp_path / "frame[1].npy"
+    for out, chunks in ((plain, 4), (pattern, 2)):
+        with pytest.raises(Stop):
+            render(stop_after(three_channels, chunks), (40, 30), out=out, chunk_size=97, progress=False)
+    for out, chunks in ((pattern, 2), (plain, 4)):  # each resumes from its own records only
+        calls = []
+        render(counting(calls), (40, 30), out=out, chunk_size=97, progress=False)
+        assert len(calls) == 1 + 13 - chunks, out
+        np.testing.assert_array_equal(np.load(out), fresh())
+    assert sorted(os.listdir(tmp_path)) == ["frame1.npy", "frame[1].npy"]
+
+
+def test_a_second_writer_of_the_same_file_is_refused(tmp_path):
+    out = tmp_path / "busy.npy"
+    calls, errors = [], []
+
+    def field(c):
+        calls.append(len(c))
+        if len(calls) == 3:  # mid-render, a second render of the same file
+            try:
+                render(three_channels, (40, 30), out=out, chunk_size=97, progress=False)
+            except OSError as exc:
+                errors.append(str(exc))
+        return three_channels(c)
+
+    render(field, (40, 30), out=out, chunk_size=97, progress=False)
+    assert len(errors) == 1 and "another render is writing" in errors[0], errors
+    np.testing.assert_array_equal(np.load(out), fresh())
+    assert os.listdir(tmp_path) == ["busy.npy"]
+
+
+@pytest.mark.parametrize("to_file", [False, True])
+@pytest.mark.parametrize("extra_rows", [-1, 1])
+def test_chunks_with_the_wrong_row_count_are_refused(tmp_path, to_file, extra_rows):
+    def field(c):
+        v = three_channels(c)
+        if len(c) != 97:  # the probe and the last chunk are right
+            return v
+        return v[:-1] if extra_rows < 0 else torch.cat([v, v[:1]])
+
+    with pytest.raises(ValueError, match=rf"field: returned \[{97 + extra_rows}, 3\] for a chunk of 97 points"):
+        render(field, (40, 30), chunk_size=97, progress=False, out=tmp_path / "rows.npy" if to_file else None)
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "torn header", "bad chunk list"])
+def test_damaged_progress_files_give_a_clear_error(tmp_path, damage):
+    out = tmp_path / "damaged.npy"
+    with pytest.raises(Stop):
+        render(stop_after(three_channels, 3), (40, 30), out=out, chunk_size=97, progress=False)
+    [record] = [p for p in tmp_path.iterdir() if ".progress-" in p.name]
+    text = record.read_bytes()
+    record.write_bytes({"empty": b"", "garbage": b"\x00\xffnot json\n", "torn header": text[:20],
+                        "bad chunk list": text + b'{"done": "x"}\n'}[damage])
+    with pytest.raises(ValueError, match=r"progress record is unreadable .*resume=False"):
+        render(three_channels, (40, 30), out=out, chunk_size=97, progress=False)
+
+
+def test_a_torn_last_progress_line_is_dropped_and_its_chunks_redone(tmp_path):
+    out = tmp_path / "torn.npy"
+    with pytest.raises(Stop):
+        render(stop_after(three_channels, 3), (40, 30), out=out, chunk_size=97, progress=False)
+    [record] = [p for p in tmp_path.iterdir() if ".progress-" in p.name]
+    with open(record, "ab") as f:
+        f.write(b'{"done": [5, 6')  # killed while appending
+    render(three_channels, (40, 30), out=out, chunk_size=97, progress=False)
+    np.testing.assert_array_equal(np.load(out), fresh())
+
+
+@pytest.mark.parametrize("name, channels, error, match", [
+    ("missing/p.png", 3, PermissionError, "preview: cannot write into"),
+    ("p.xyz", 3, ValueError, "preview: unknown image extension '.xyz'"),
+    ("p.jpg", 4, ValueError, "preview: JPEG cannot hold a 4-channel"),
+    ("p.png", 2, ValueError, "preview: needs 1, 3 or 4 channels"),
+])
+def test_preview_problems_are_refused_before_any_work(tmp_path, name, channels, error, match):
+    pytest.importorskip("PIL.Image")
+    calls = []
+
+    def field(c):
+        calls.append(len(c))
+        return torch.cat([c, c.sum(1, keepdim=True), c.prod(1, keepdim=True)], 1)[:, :channels]
+
+    with pytest.raises(error, match=match):
+        render(field, (30, 20), out=tmp_path / "v.npy", preview=tmp_path / name, chunk_size=100,
+               progress=False)
+    assert len(calls) <= 1 and os.listdir(tmp_path) == []  # the probe alone ran; no file made
+
+
+@pytest.mark.parametrize("chunk_size, error", [(0, ValueError), (-3, ValueError), (2.7, TypeError),
+                                               (True, TypeError)])
+def test_chunk_size_must_be_a_positive_whole_number(chunk_size, error):
+    with pytest.raises(error, match="chunk_size:"):
+        render(three_channels, (5, 6), chunk_size=chunk_size, progress=False)
+
+
+def test_an_in_memory_result_too_large_for_free_memory_is_refused_up_front():
+    calls = []
+    with pytest.raises(ValueError, match="out=None: .* free memory .* out='result.npy'"):
+        render(counting(calls), (2**20, 2**20), progress=False)
+    assert len(calls) <= 1
+
+
+def test_output_dtypes_that_would_lose_values_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="dtype: a .npy file cannot hold bfloat16"):
+        render(three_channels, (5, 6), out=tmp_path / "b.npy", dtype=torch.bfloat16, progress=False)
+    with pytest.raises(ValueError, match="dtype: the field returns bfloat16"):
+        render(lambda c: three_channels(c).bfloat16(), (5, 6), out=tmp_path / "b.npy", progress=False)
+    with pytest.raises(ValueError, match="dtype: torch.int32 would truncate"):
+        render(three_channels, (5, 6), dtype=torch.int32, progress=False)
+    assert os.listdir(tmp_path) == []
+    got = render(three_channels, (5, 6), dtype=torch.bfloat16, progress=False)  # a tensor can
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.from_numpy(fresh((5, 6))).bfloat16())
+
+
+def test_out_must_name_a_npy_file(tmp_path):
+    with pytest.raises(ValueError, match="out: expected a .npy path"):
+        render(three_channels, (5, 6), out=tmp_path / "a.png", progress=False)
+    (tmp_path / "d.npy").mkdir()
+    with pytest.raises(IsADirectoryError, match="out: .* is a directory"):
+        render(three_channels, (5, 6), out=tmp_path / "d.npy", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["d.npy"]
+
+
+def test_chunk_size_one_appends_progress_and_syncs_rarely(tmp_path, monkeypatch):
+    """Per chunk: a positional write only; fsyncs (data, then the appended progress) come
+    at most every SYNC_INTERVAL_S and at the end."""
+    syncs, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append(fd), real_fsync(fd))[1])
+    start = time.perf_counter()
+    render(three_channels, (50, 40), out=tmp_path / "ones.npy", chunk_size=1, progress=False)
+    elapsed = time.perf_counter() - start
+    intervals = math.ceil(elapsed / render_module.SYNC_INTERVAL_S)
+    assert len(syncs) <= 4 + 2 * intervals, (len(syncs), elapsed)  # 2 per chunk would be 4000
+    np.testing.assert_array_equal(np.load(tmp_path / "ones.npy"), fresh((50, 40)))
