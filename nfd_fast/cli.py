@@ -82,6 +82,18 @@ def _demo(args) -> int:
     return 0
 
 
+def _kernels(args) -> int:
+    """`nfd-fast kernels`: the kernels compiled for an H100 as they launch, and the model."""
+    from . import kernel_report
+
+    rep = kernel_report.report(cases=args.only, progress=lambda m: print(f"[kernels] {m}", file=sys.stderr))
+    print(kernel_report.format_table(rep))
+    if args.json:
+        kernel_report.write_json(rep, args.json)
+        print(f"# wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nfd-fast", description="nfd_fast: fused kernels for "
                                      "neural fields and diffusion models")
@@ -123,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument("--epochs", type=int, default=15)
     dem.add_argument("--device", help="default: cpu")
     dem.set_defaults(func=_demo)
+    kern = sub.add_parser("kernels", help="compile every kernel as it launches for an H100 (no GPU "
+                          "needed) and print registers, spills, SASS mix and modelled times")
+    kern.add_argument("--only", nargs="+", metavar="CASE", help="only these benchmark cases")
+    kern.add_argument("--json", metavar="PATH", help="also write the rows (case, impl, modelled_ms, bound)")
+    kern.set_defaults(func=_kernels)
     return parser
 
 
