@@ -1,63 +1,99 @@
 """Swap fused kernels into an existing PyTorch model without rewriting it.
 
-accelerate(model) traces the model's forward with torch.fx, so a chain of layers is found
-however the model nests or spells it, and replaces every run of linear maps with
-activations by one fused_mlp call:
-- a linear map: nn.Linear, or F.linear on a layer's own weight / bias parameters;
-- between two linear maps: sin(w0 * z) (w0 a constant; written inline or in a Sine
-  module; z * w0 and plain sin(z) too), ReLU, GELU (exact), SiLU, LeakyReLU (optionally
-  times a constant gain), and any number of nn.Identity / nn.Dropout(p=0) / F.dropout(p=0);
-- optionally an activation after the last linear map.
-The fused call reads the model's own parameter tensors (get_attr of the same names), so
-training continues, state_dict keys are unchanged and an optimizer built before keeps
-working. Everything else stays as it was. A run needs >= 2 linear maps whose widths the
-kernel takes (in <= 64, hidden <= 512, out <= 64) and whose intermediate values are used
-by nothing else; what is left alone is reported with the reason.
+accelerate(model) captures the model's forward as a graph, finds in it
+- runs of linear maps with activations between them (SIREN's sin(w0 z) however written,
+  ReLU, GELU, SiLU, LeakyReLU with a gain), FiLM / multiplicative modulations included
+  (accelerate_mlp), each replaced by one fused_mlp call;
+- F.grid_sample pipelines (planes / volumes of parameters or per-sample tensors read at
+  one coordinate tensor and combined by sum / product / mean / concat, scales
+  concatenated) (accelerate_grids), each replaced by one grid_lookup call per group of
+  planes;
+and runs the rewritten graph as the model's forward. The replacements read the model's
+own parameter tensors: state_dict keys, gradients, training and optimizer state carry on.
 
-Modulations are fused too when the model exposes them as tensors: FiLM (functa / COIN++:
-z = W h + b; z * scale + shift; then the activation) and multiplicative (siren-pytorch:
-sin(w0 z) * m). Per-sample modulations map to fused_mlp's [B, width] when the input is
-[B, N, in]; other shapes run the same math in PyTorch. The model keeps its class and
-parameters; its forward is replaced by the rewritten graph's (deaccelerate restores it).
+Capture modes (capture=):
+- "fx": torch.fx's symbolic trace; needs no inputs. A plain value the trace read
+  (w0 attributes, flags, training) is compared on every call, and a change traces again.
+- "dynamo": torch._dynamo's graph capture (see _capture), for code fx cannot trace:
+  einops, optional or keyword-only arguments, conditionals, helpers. It captures on the
+  first call, or at once for example_inputs / example_kwargs; its guards re-capture when
+  anything Python it read changes.
+- "auto" (default): fx when the forward has only required positional arguments, traces,
+  and calls no grid_sample (a pipeline is matched on the shapes of a real call);
+  dynamo otherwise.
+
+model.acceleration_report (printable) lists each fused run and grid pipeline with its
+modules, and each piece left as it was with the reason. deaccelerate(model) restores the
+model's own forward. The model keeps its class, parameters and buffers.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import operator
+import inspect
 import types
-from typing import Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import use_backend
-from .ops.fused_mlp import MAX_HIDDEN, MAX_IN, MAX_OUT, fused_mlp
+from . import backend as _backend_module
+from ._capture import DynamoForward, copy_graph_module, example_values
+from .accelerate_grids import fuse_grids
+from .accelerate_mlp import fuse_runs
 
-_SIN = {torch.sin}
-_MUL = {operator.mul, torch.mul}
-_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu",
-                  F.leaky_relu: "leaky_relu"}
-_ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.LeakyReLU: "leaky_relu"}
+CAPTURES = ("auto", "fx", "dynamo")
 _ATTR = "_nfd_fast_acceleration"
+_PENDING = "nothing captured yet: the forward is captured on its first call (pass example_inputs to capture now)"
 
 
 @dataclasses.dataclass
 class AccelerationReport:
     """What accelerate() replaced and what it left alone, and why."""
 
+    mode: str = ""
     replaced: list = dataclasses.field(default_factory=list)
+    grids: list = dataclasses.field(default_factory=list)
     left_alone: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+    captures: int = 0
+
+    def add_run(self, entry: dict) -> None:
+        if entry not in self.replaced:  # a re-capture finds the same runs again
+            self.replaced.append(entry)
+
+    def add_grid(self, entry: dict) -> None:
+        if entry not in self.grids:
+            self.grids.append(entry)
+
+    def leave(self, name: str, why: str) -> None:
+        if (name, why) not in self.left_alone:
+            self.left_alone.append((name, why))
+
+    def merge(self, other: "AccelerationReport") -> None:
+        for entry in other.replaced:
+            self.add_run(entry)
+        for entry in other.grids:
+            self.add_grid(entry)
+        for entry in other.left_alone:
+            self.leave(*entry)
 
     def __str__(self) -> str:
-        lines = [f"nfd_fast.accelerate: {len(self.replaced)} fused run(s)"]
+        lines = [f"nfd_fast.accelerate ({self.mode}, {self.captures} capture(s)): "
+                 f"{len(self.replaced)} fused run(s), {len(self.grids)} grid pipeline(s)"]
+        lines += [f"  note: {n}" for n in self.notes]
         for r in self.replaced:
             acts = ", ".join(f"sine(w0={w:g})" if a == "sine" else a for a, w in zip(r["activations"], r["w0"]))
             mods = [f"layer {i}: {'+'.join(m)}" for i, m in enumerate(r.get("modulations", [])) if m]
             lines.append(f"  fused: {' -> '.join(r['layers'])}  [{acts}; final {r['final']}"
                          f"{'; modulated ' + ', '.join(mods) if mods else ''}]")
+        for g in self.grids:
+            for c in g["calls"]:
+                scales = "; ".join(", ".join(s) for s in c["fields"])
+                lines.append(f"  grid_lookup: {len(c['fields'])} scale(s) x planes {c['planes']} "
+                             f"combine={c['combine']} align_corners={g['align_corners']} "
+                             f"padding={g['padding_mode']}  [{scales}]  ({g['grid_samples']} grid_sample calls)")
         for name, why in self.left_alone:
             lines.append(f"  left alone: {name}: {why}")
         return "\n".join(lines)
@@ -72,324 +108,170 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _const(v) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def _plain(v) -> bool:
+    if isinstance(v, (tuple, list)):
+        return all(_plain(x) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
-class _Matcher:
-    """Recognises the pieces of a run in a traced graph."""
+def _plain_state(model: nn.Module) -> list:
+    """(module, name, value) of every plain Python value the modules hold: fx bakes what
+    it reads of them into the graph."""
+    return [(m, k, copy.copy(v)) for m in model.modules() for k, v in vars(m).items() if _plain(v)]
 
-    def __init__(self, gm: fx.GraphModule):
+
+class _FxForward:
+    """The fx-traced, rewritten forward; traces again when a plain value it may have
+    read has changed since."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, report: AccelerationReport, backend: str):
+        self.model, self.report, self.backend = model, report, backend
+        self._rewrite(graph)
+
+    def _rewrite(self, graph: fx.Graph) -> None:
+        self.state = _plain_state(self.model)
+        gm = fx.GraphModule(self.model, graph)
+        params = {}
+        for n in graph.nodes:
+            if n.op == "get_attr":
+                t = _attribute(gm, n.target)
+                if isinstance(t, nn.Parameter):
+                    params[n] = (n.target, t)
+        self.report.replaced.clear()
+        self.report.left_alone.clear()
+        fuse_runs(gm, params, self.report, self.backend)
+        gm.recompile()
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.report.captures += 1
 
-    def module(self, node):
-        return self.modules.get(node.target) if node.op == "call_module" else None
-
-    def linear(self, node):
-        """(input, weight name, bias name or None, display name) if node is a linear map."""
-        m = self.module(node)
-        if isinstance(m, nn.Linear):
-            return node.args[0], f"{node.target}.weight", (f"{node.target}.bias" if m.bias is not None else None), node.target
-        if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
-            args = list(node.args) + [node.kwargs.get("bias")] * (3 - len(node.args))
-            w, b = args[1], args[2]
-            if isinstance(w, fx.Node) and w.op == "get_attr" and (b is None or (isinstance(b, fx.Node) and b.op == "get_attr")):
-                return args[0], w.target, (b.target if b is not None else None), w.target.rsplit(".", 1)[0]
-        return None
-
-    def passthrough(self, node) -> bool:
-        m = self.module(node)
-        if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0):
-            return True
-        if node.op == "call_function" and node.target is F.dropout:
-            p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-            return p == 0
-        return False
-
-    def activation(self, node):
-        """(kind, w0 or slope, gain, last node) for an activation starting at node, else None."""
-        m = self.module(node)
-        scale = self.const_mul(node)
-        if scale is not None and len(node.users) == 1:
-            nxt = next(iter(node.users))
-            if self.is_sin(nxt):
-                return "sine", scale[0], 1.0, nxt
-        if self.is_sin(node):
-            return "sine", 1.0, 1.0, node
-        kind, slope = None, 0.01
-        if m is not None and type(m) in _ACT_MODULES:
-            kind = _ACT_MODULES[type(m)]
-            if isinstance(m, nn.GELU) and m.approximate != "none":
-                return None
-            slope = getattr(m, "negative_slope", slope)
-        elif node.op == "call_function" and node.target in _ACT_FUNCTIONS:
-            kind = _ACT_FUNCTIONS[node.target]
-            if kind == "gelu" and node.kwargs.get("approximate", "none") != "none":
-                return None
-            if kind == "leaky_relu":
-                slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-        elif node.op == "call_method" and node.target == "relu":
-            kind = "relu"
-        if kind is None:
-            return None
-        gain, last = 1.0, node
-        if kind == "leaky_relu" and len(node.users) == 1:
-            g = self.const_mul(next(iter(node.users)))
-            if g is not None:
-                gain, last = g[0], next(iter(node.users))
-        return kind, float(slope), gain, last
-
-    def is_sin(self, node) -> bool:
-        return (node.op == "call_function" and node.target in _SIN) or \
-            (node.op == "call_method" and node.target == "sin")
-
-    def const_mul(self, node):
-        """(constant,) if node multiplies its single tensor input by a constant."""
-        if not ((node.op == "call_function" and node.target in _MUL) or
-                (node.op == "call_method" and node.target == "mul")):
-            return None
-        a, b = node.args[0], node.args[1]
-        if _const(a) is not None and isinstance(b, fx.Node):
-            return (_const(a),)
-        if _const(b) is not None and isinstance(a, fx.Node):
-            return (_const(b),)
-        return None
+    def __call__(self, *args, **kwargs):
+        if any(m.__dict__.get(k, _MISSING) != v for m, k, v in self.state):
+            self._rewrite(_Tracer().trace(self.model))
+        return self.gm(*args, **kwargs)
 
 
-_BINARY = {"mul": ({operator.mul, torch.mul, operator.imul}, "mul"),
-           "add": ({operator.add, torch.add, operator.iadd}, "add")}
+_MISSING = object()
 
 
-def _external_operand(node, chain_node, kind):
-    """If `node` is chain_node (*|+) t with t a tensor from outside the run, return t."""
-    if node is None:
-        return None
-    functions, method = _BINARY[kind]
-    if not ((node.op == "call_function" and node.target in functions) or
-            (node.op == "call_method" and node.target == method)) or len(node.args) != 2 or node.kwargs:
-        return None
-    a, b = node.args
-    if a is chain_node and isinstance(b, fx.Node) and b is not chain_node:
-        return b
-    if b is chain_node and isinstance(a, fx.Node):
-        return a
-    return None
-
-
-def _only_user(node):
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _find_run(start, matcher):
-    """Follow the chain from linear node `start`.
-
-    Returns (layers, acts, mods, final, last): the linear nodes; per hidden layer its
-    activation (kind, w0 or slope, gain) and modulation nodes {"scale", "shift", "mult"};
-    the final activation or None; the node whose value the fused call replaces."""
-    layers, acts, mods = [start], [], []
-    node, final = start, None
-    while True:
-        cur = _only_user(node)
-        while cur is not None and matcher.passthrough(cur):
-            node, cur = cur, _only_user(cur)
-        layer_mods, prev = {}, node
-        for kind, op in (("scale", "mul"), ("shift", "add")):  # FiLM: scale * z + shift
-            t = _external_operand(cur, prev, op)
-            if t is not None:
-                layer_mods[kind], prev, cur = t, cur, _only_user(cur)
-        act = matcher.activation(cur) if cur is not None else None
-        if act is None:
-            break
-        kind, param, gain, last = act
-        t = _external_operand(_only_user(last), last, "mul")  # sin(...) * m (siren-pytorch)
-        if t is not None:
-            layer_mods["mult"], last = t, _only_user(last)
-        after = _only_user(last)
-        while after is not None and matcher.passthrough(after):
-            after = _only_user(after)
-        lin = matcher.linear(after) if after is not None else None
-        if lin is None or _trace_back(lin[0], matcher) is not last:
-            if not layer_mods:  # fused_mlp modulates hidden layers only
-                final, node = act, last
-            break
-        acts.append((kind, param, gain))
-        mods.append(layer_mods)
-        layers.append(after)
-        node = after
-    return layers, acts, mods, final, node
-
-
-def _trace_back(node, matcher):
-    """The node behind any passthroughs feeding `node`."""
-    while isinstance(node, fx.Node) and matcher.passthrough(node):
-        node = node.args[0]
-    return node
-
-
-def _fused_run(x, *params, spec):
-    """The replacement of one run: fused_mlp, with the run's modulations mapped to its
-    [width] / [B, width] forms; shapes that do not map run the same math in PyTorch."""
-    weights, biases, i = [], [], 0
-    for has_bias in spec["has_bias"]:
-        weights.append(params[i])
-        i += 1
-        biases.append(params[i] if has_bias else None)
-        i += has_bias
-    mods = {"scale": [None] * len(spec["mods"]), "shift": [None] * len(spec["mods"]),
-            "mult": [None] * len(spec["mods"])}
-    for layer, kinds in enumerate(spec["mods"]):
-        for kind in kinds:
-            mods[kind][layer] = params[i]
-            i += 1
-    kwargs = dict(activation=spec["activations"], w0=spec["w0"], final_activation=spec["final"],
-                  final_w0=spec["final_w0"], leaky_slope=spec["slope"], leaky_gain=spec["gain"])
-    if spec["backend"] == "auto":
-        return _run_with_modulations(x, weights, biases, mods, kwargs, spec)
-    with use_backend(spec["backend"]):
-        return _run_with_modulations(x, weights, biases, mods, kwargs, spec)
-
-
-def _kernel_modulation(m, x, width):
-    """m as [width] (shared) or [B, width] for x [B, N, in]; None if it maps to neither."""
-    if not isinstance(m, torch.Tensor):
-        return None
-    if m.numel() == width:
-        return m.reshape(width)
-    if x.dim() == 3 and m.dim() >= 2 and m.shape[0] == x.shape[0] and m.numel() == x.shape[0] * width \
-            and all(s == 1 for s in m.shape[1:-1]):
-        return m.reshape(x.shape[0], width)
-    return None
-
-
-def _run_with_modulations(x, weights, biases, mods, kwargs, spec):
-    used = any(m is not None for ms in mods.values() for m in ms)
-    if not used:
-        lead = x.shape[:-1]
-        y = fused_mlp(x.reshape(-1, x.shape[-1]), weights, biases, **kwargs)
-        return y.reshape(*lead, y.shape[-1])
-    widths = [w.shape[0] for w in weights[:-1]]
-    mapped = {k: [None if m is None else _kernel_modulation(m, x, widths[l]) for l, m in enumerate(ms)]
-              for k, ms in mods.items()}
-    fits = all((m is None) == (k is None) for key in mods for m, k in zip(mods[key], mapped[key]))
-    if fits and x.dim() in (2, 3) and (x.dim() == 3 or all(
-            k is None or k.dim() == 1 for ks in mapped.values() for k in ks)):
-        return fused_mlp(x, weights, biases, **mapped, **kwargs)
-    return _modulated_eager(x, weights, biases, mods, spec)
-
-
-def _modulated_eager(x, weights, biases, mods, spec):
-    """The run as the model wrote it, for modulation shapes the kernel does not take."""
-    from .ops.fused_mlp import LayerActivation, apply_activation
-
-    h = x
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        h = F.linear(h, w, b)
-        if l == len(weights) - 1:
-            return apply_activation(h, LayerActivation(spec["final"], spec["final_w0"] or 30.0,
-                                                       spec["slope"], spec["gain"]))
-        if mods["scale"][l] is not None:
-            h = h * mods["scale"][l]
-        if mods["shift"][l] is not None:
-            h = h + mods["shift"][l]
-        h = apply_activation(h, LayerActivation(spec["activations"][l], spec["w0"][l],
-                                                spec["slope"], spec["gain"]))
-        if mods["mult"][l] is not None:
-            h = h * mods["mult"][l]
-    return h
-
-
-def _spec_of(layers, acts, final, matcher, gm, backend):
-    """The fused_mlp arguments of a run, or the reason it cannot be fused."""
-    infos = [matcher.linear(n) for n in layers]
-    shapes = [gm.get_parameter(w).shape if _is_param(gm, w) else None for _, w, _, _ in infos]
-    if any(s is None or len(s) != 2 for s in shapes):
-        return None, "a weight is not a 2-D parameter"
-    widths = [shapes[0][1]] + [s[0] for s in shapes]
-    for a, b in zip(shapes[:-1], shapes[1:]):
-        if a[0] != b[1]:
-            return None, "widths do not chain"
-    if widths[0] > MAX_IN or widths[-1] > MAX_OUT or max(widths[1:-1]) > MAX_HIDDEN:
-        return None, (f"widths {widths} outside the kernel's range (in <= {MAX_IN}, hidden <= "
-                      f"{MAX_HIDDEN}, out <= {MAX_OUT})")
-    all_acts = acts + ([final[:3]] if final else [])
-    leaky = {(p, g) for k, p, g in all_acts if k == "leaky_relu"}
-    if len(leaky) > 1:
-        return None, "leaky_relu layers with different slopes or gains"
-    if any(g != 1.0 for k, _, g in all_acts if k != "leaky_relu"):
-        return None, "a gain after a non-leaky activation"
-    slope, gain = next(iter(leaky)) if leaky else (0.01, 1.0)
-    spec = dict(activations=[k for k, _, _ in acts], w0=[p if k == "sine" else 30.0 for k, p, _ in acts],
-                final=final[0] if final else "identity",
-                final_w0=final[1] if final and final[0] == "sine" else None,
-                slope=slope, gain=gain, has_bias=[b is not None for _, _, b, _ in infos],
-                backend=backend)
-    return spec, None
-
-
-def _is_param(gm, name) -> bool:
+def _attribute(gm, target):
     try:
-        gm.get_parameter(name)
-        return True
+        return gm.get_parameter(target)
     except AttributeError:
-        return False
+        return None
 
 
-def accelerate(model: nn.Module, *, backend: str = "auto", inplace: bool = True):
-    """Fuse the linear/activation runs of `model` (see the module docstring).
+def _graph_params(gm: fx.GraphModule, example_inputs, model: nn.Module) -> dict:
+    """The captured graph's inputs that are the model's parameters or buffers."""
+    names = {id(t): n for n, t in model.named_parameters()}
+    names.update({id(t): n for n, t in model.named_buffers()})
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: (names[id(x)], x) for n, x in zip(holders, example_inputs)
+            if isinstance(x, torch.Tensor) and id(x) in names}
 
-    Returns the model (a deep copy when inplace=False) with `.acceleration_report`
-    (printable). Calling it again on an accelerated model re-traces the original forward.
+
+def _dynamo_rewriter(model: nn.Module, report: AccelerationReport, backend: str):
+    def rewrite(gm: fx.GraphModule, example_inputs):
+        report.captures += 1
+        if _PENDING in report.notes:
+            report.notes.remove(_PENDING)
+        work, staged = copy_graph_module(gm), AccelerationReport()
+        try:
+            params = _graph_params(work, example_inputs, model)
+            if any(n.op == "call_function" and n.target is F.grid_sample for n in work.graph.nodes):
+                fuse_grids(work, example_values(work, example_inputs), params, staged, backend)
+            fuse_runs(work, params, staged, backend)
+            work.recompile()
+        except Exception as exc:  # a bug here must not break the model: it runs as captured
+            report.leave(f"captured graph {report.captures}",
+                         f"not rewritten ({type(exc).__name__}: {exc}); it runs as written")
+            return gm.forward
+        report.merge(staged)
+        return work.forward
+    return rewrite
+
+
+def _fx_blocker(model: nn.Module):
+    """Why torch.fx cannot be trusted with this forward, or None."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return "its signature cannot be read"
+    for p in sig.parameters.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.default is not p.empty:
+            return (f"forward has an optional, keyword-only or variadic argument ({p.name}), which "
+                    "torch.fx would fix to one case")
+    return None
+
+
+def _as_call(example_inputs, example_kwargs):
+    if example_inputs is None:
+        args = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        raise TypeError(f"example_inputs: expected a tensor or a tuple of arguments, got "
+                        f"{type(example_inputs).__name__}")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs: expected a dict, got {type(example_kwargs).__name__}")
+    return args, dict(example_kwargs or {})
+
+
+def accelerate(model: nn.Module, example_inputs=None, *, example_kwargs=None, capture: str = "auto",
+               backend: str = "auto", inplace: bool = True):
+    """Fuse the MLP runs and grid_sample pipelines of `model` (see the module docstring).
+
+    example_inputs (a tensor or a tuple of positional arguments) and example_kwargs: a
+    call to capture with dynamo now (otherwise it captures on the first call). Returns
+    the model (a deep copy when inplace=False) with `.acceleration_report`. Calling it
+    again on an accelerated model captures the original forward afresh.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if capture not in CAPTURES:
+        raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    if not isinstance(backend, str) or backend.lower() not in _backend_module.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend_module.BACKENDS}, got {backend!r}")
+    args, kwargs = _as_call(example_inputs, example_kwargs)
     if not inplace:
         model = copy.deepcopy(model)
     deaccelerate(model)
     report = AccelerationReport()
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # data-dependent control flow and the like
-        report.left_alone.append(("model", f"could not be traced by torch.fx ({type(exc).__name__}: {exc})"))
-        model.acceleration_report = report
-        return model
-    gm = fx.GraphModule(model, graph)
-    matcher = _Matcher(gm)
-    consumed = set()
-    for node in list(gm.graph.nodes):
-        if node in consumed or matcher.linear(node) is None:
-            continue
-        layers, acts, mods, final, last = _find_run(node, matcher)
-        consumed.update(layers)  # fused or not, a run is reported once
-        names = [matcher.linear(n)[3] for n in layers]
-        if len(layers) < 2:
-            report.left_alone.append((names[0], "a single linear map (nothing to fuse)"))
-            continue
-        spec, why = _spec_of(layers, acts, final, matcher, gm, backend)
-        if spec is not None:
-            spec["mods"] = [sorted(m) for m in mods]
-        if spec is None:
-            report.left_alone.append((" -> ".join(names), why))
-            continue
-        with gm.graph.inserting_before(last):
-            params = []
-            for n in layers:
-                _, w, b, _ = matcher.linear(n)
-                params.append(gm.graph.get_attr(w))
-                if b is not None:
-                    params.append(gm.graph.get_attr(b))
-            params += [m[k] for m in mods for k in sorted(m)]
-            fused = gm.graph.call_function(_fused_run, (matcher.linear(layers[0])[0], *params), {"spec": spec})
-        last.replace_all_uses_with(fused)  # the run's own nodes are now dead code
-        report.replaced.append({"layers": names, "activations": spec["activations"],
-                                "w0": spec["w0"], "final": spec["final"],
-                                "modulations": [sorted(m) for m in mods]})
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    runner = None
+    if capture != "dynamo":
+        why = _fx_blocker(model) if capture == "auto" else None
+        graph = None
+        if why is None:
+            try:
+                graph = _Tracer().trace(model)
+            except Exception as exc:  # einops, data-dependent control flow and the like
+                why = f"torch.fx could not trace the forward ({type(exc).__name__}: {exc})"
+        if graph is not None and capture == "auto" and any(
+                n.op == "call_function" and n.target is F.grid_sample for n in graph.nodes):
+            why = "it calls grid_sample, whose pipelines are matched on the shapes of a real call"
+        if why is None:
+            report.mode = "fx"
+            runner = _FxForward(model, graph, report, backend.lower())
+        elif capture == "fx":
+            report.mode = "fx"
+            report.leave("model", f"could not be traced by torch.fx: {why}")
+            model.acceleration_report = report
+            return model
+        else:
+            report.notes.append(f"captured with torch._dynamo: {why}")
+    if runner is None:
+        report.mode = "dynamo"
+        runner = DynamoForward(model, _dynamo_rewriter(model, report, backend.lower()))
     original = model.__dict__.get("forward")
-    object.__setattr__(model, _ATTR, (original, gm))  # not a submodule: state_dict unchanged
+    object.__setattr__(model, _ATTR, (original, runner))  # not a submodule: state_dict unchanged
     model.forward = types.MethodType(lambda self, *a, **k: getattr(self, _ATTR)[1](*a, **k), model)
     model.acceleration_report = report
+    if report.mode == "dynamo":
+        if args or kwargs:
+            model(*args, **kwargs)
+        else:
+            report.notes.append(_PENDING)
     return model
 
 

@@ -191,7 +191,7 @@ def test_deaccelerate_and_copy():
     assert "forward" not in model.__dict__ and not hasattr(model, "acceleration_report")
 
 
-def test_untraceable_model_is_left_untouched():
+def test_data_dependent_branches_are_captured_piecewise():
     class Dynamic(nn.Module):
         def __init__(self):
             super().__init__()
@@ -202,9 +202,43 @@ def test_untraceable_model_is_left_untouched():
                 return self.b(torch.relu(self.a(x)))
             return self.b(self.a(x))
 
-    model = accelerate(Dynamic())
-    assert "could not be traced" in model.acceleration_report.left_alone[0][1]
-    assert model(torch.ones(3, 2)).shape == (3, 1)
+    torch.manual_seed(4)
+    model = Dynamic()
+    reference = copy.deepcopy(model)
+    x = torch.rand(5, 2) + 0.1
+    accelerate(model, x, backend="torch")
+    report = model.acceleration_report
+    assert report.mode == "dynamo" and "torch.fx could not trace" in report.notes[0]
+    assert [r["layers"] for r in report.replaced] == [["a", "b"]], str(report)
+    for inputs in (x, -x):  # the other branch is captured when first taken
+        assert rel_err(model(inputs), reference(inputs)) < 1e-5
+
+
+def test_fx_capture_follows_changed_attributes():
+    """A w0 read while tracing is checked on every call: a new value traces again."""
+    torch.manual_seed(5)
+    model = NotebookSiren()
+    reference = copy.deepcopy(model)
+    accelerate(model, backend="torch")
+    assert model.acceleration_report.mode == "fx"
+    x = torch.rand(7, 2) * 2 - 1
+    model(x)
+    for m in (model, reference):
+        m.net[1].omega_0 = 11.0
+    assert rel_err(model(x), reference(x)) < 1e-5
+    assert model.acceleration_report.captures == 2
+    assert "sine(w0=11)" in str(model.acceleration_report)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="capture"):
+        accelerate(NotebookSiren(), capture="jit")
+    with pytest.raises(ValueError, match="backend"):
+        accelerate(NotebookSiren(), backend="cuda")
+    with pytest.raises(TypeError, match="example_inputs"):
+        accelerate(NotebookSiren(), example_inputs=[1.0].__iter__())
+    with pytest.raises(TypeError, match="example_kwargs"):
+        accelerate(NotebookSiren(), example_kwargs=[("x", 1)])
 
 
 # --- modulated SIRENs ------------------------------------------------------------------
@@ -261,7 +295,7 @@ class FunctaSiren(nn.Module):
 def test_modulation_patterns_are_fused(make, latent_dim, kinds, kernel, monkeypatch):
     import importlib
 
-    acc = importlib.import_module("nfd_fast.accelerate")  # the package exports a function of that name
+    acc = importlib.import_module("nfd_fast.accelerate_mlp")
 
     real_eager = acc._modulated_eager
     calls = []
