@@ -20,7 +20,11 @@ ndim (2 bits) | axis_x (2) | axis_y (2) | axis_z (2).
 import triton
 import triton.language as tl
 
-SUM, PRODUCT, MEAN, CONCAT = 0, 1, 2, 3
+# Combine codes: the index of the name in nfd_fast.ops.grid_lookup.COMBINES.
+SUM = tl.constexpr(0)
+PRODUCT = tl.constexpr(1)
+MEAN = tl.constexpr(2)
+CONCAT = tl.constexpr(3)
 TABLE_COLS = 9
 
 
@@ -159,22 +163,22 @@ def grid_lookup_fwd_kernel(
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C
     out_mask = row_ok[:, None] & ch_ok[None, :]
-    if COMBINE == 1:
+    if COMBINE == PRODUCT:
         acc = tl.full((BLOCK_N, BLOCK_C), 1.0, tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for p in tl.static_range(P):
         v, _, _, _ = _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
                                    (FACTORS >> (8 * p)) & 255, ALIGN, BORDER, DTYPE, False)
-        if COMBINE == 3:
+        if COMBINE == CONCAT:
             tl.store(out_ptr + prow[:, None] * F + (col0 + p * C + ch)[None, :],
                      v.to(out_ptr.dtype.element_ty), mask=out_mask)
-        elif COMBINE == 1:
+        elif COMBINE == PRODUCT:
             acc *= v
         else:
             acc += v
-    if COMBINE != 3:
-        if COMBINE == 2:
+    if COMBINE != CONCAT:
+        if COMBINE == MEAN:
             acc = acc / P
         tl.store(out_ptr + prow[:, None] * F + (col0 + ch)[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -185,33 +189,35 @@ def grid_lookup_bwd_kernel(
     coords_ptr, table_ptr, grad_table_ptr, grad_out_ptr, dcoords_ptr, perm_ptr, N, F, C, col0,
     D: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
     ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
-    NEED_FIELDS: tl.constexpr, NEED_COORDS: tl.constexpr, SORTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Gradients of one scale: fields by atomic adds into float32 buffers (grad_table
     rows hold their addresses and strides), coordinates added into dcoords [B*N, D].
+    A gradient not wanted has a None pointer (grad_table or dcoords), and its code is
+    compiled out. The atomics are relaxed: a gradient sum needs no ordering, and the
+    default acq_rel would put a GPU-wide fence and an L1 invalidation around each one.
 
     For "product" the factor's upstream gradient is grad_out times the product of the
     other factors, recomputed here (P^2 gathers; P <= 6 in practice).
 
-    SORTED: the program's points are perm[b, n] (each sample's points ordered by grid
+    Given perm_ptr, the program's points are perm[b, n] (each sample's points ordered by grid
     cell), so a block's atomics land on few, nearby field cells instead of scattering."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = n < N
-    if SORTED:
+    if perm_ptr is not None:
         n = tl.load(perm_ptr + b * N + n, mask=row_ok, other=0)
     prow = b * N + n.to(tl.int64)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C
     mask2 = row_ok[:, None] & ch_ok[None, :]
     go = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    if COMBINE != 3:
+    if COMBINE != CONCAT:
         go = tl.load(grad_out_ptr + prow[:, None] * F + (col0 + ch)[None, :], mask=mask2,
                      other=0.0).to(tl.float32)
-        if COMBINE == 2:
+        if COMBINE == MEAN:
             go = go / P
     gcx = tl.zeros((BLOCK_N,), tl.float32)
     gcy = tl.zeros((BLOCK_N,), tl.float32)
@@ -221,18 +227,19 @@ def grid_lookup_bwd_kernel(
         gcx, gcy, gcz, gcw = _factor_backward(
             table_ptr, grad_table_ptr, grad_out_ptr, coords_ptr, p, b, prow, D, F, C, col0,
             ch, ch_ok, row_ok, mask2, go, gcx, gcy, gcz, gcw, P, FACTORS,
-            (FACTORS >> (8 * p)) & 255, COMBINE, ALIGN, BORDER, DTYPE, NEED_FIELDS, NEED_COORDS)
-    if NEED_COORDS:
+            (FACTORS >> (8 * p)) & 255, COMBINE, ALIGN, BORDER, DTYPE,
+            grad_table_ptr is not None, dcoords_ptr is not None)
+    if dcoords_ptr is not None:
         # one (scale, channel block) program per point adds in turn: atomics keep the
         # channel blocks of a point from racing
         base = dcoords_ptr + prow * D
-        tl.atomic_add(base + 0, gcx, mask=row_ok)
+        tl.atomic_add(base + 0, gcx, mask=row_ok, sem="relaxed")
         if D > 1:
-            tl.atomic_add(base + 1, gcy, mask=row_ok)
+            tl.atomic_add(base + 1, gcy, mask=row_ok, sem="relaxed")
         if D > 2:
-            tl.atomic_add(base + 2, gcz, mask=row_ok)
+            tl.atomic_add(base + 2, gcz, mask=row_ok, sem="relaxed")
         if D > 3:
-            tl.atomic_add(base + 3, gcw, mask=row_ok)
+            tl.atomic_add(base + 3, gcw, mask=row_ok, sem="relaxed")
 
 
 @triton.jit
@@ -243,10 +250,10 @@ def _factor_backward(table_ptr, grad_table_ptr, grad_out_ptr, coords_ptr, p, b, 
                      DTYPE: tl.constexpr, NEED_FIELDS: tl.constexpr, NEED_COORDS: tl.constexpr):
     """Factor p's share of the backward: its field gradient, and its coordinate gradient
     added to the per-axis accumulators (returned)."""
-    if COMBINE == 3:
+    if COMBINE == CONCAT:
         g = tl.load(grad_out_ptr + prow[:, None] * F + (col0 + p * C + ch)[None, :],
                     mask=mask2, other=0.0).to(tl.float32)
-    elif COMBINE == 1:
+    elif COMBINE == PRODUCT:
         g = go
         for q in tl.static_range(P):
             if q != p:
@@ -295,4 +302,4 @@ def _scatter_field_grad(table_ptr, grad_table_ptr, p, b, coords_ptr, prow, D, ch
         w, _, _, _, cx, cy, cz, inside = _tap(k, tx, ty, tz, x0, y0, z0, sx, sy, sz, NDIM)
         ok = (inside & row_ok)[:, None] & ch_ok[None, :]
         ptrs = _tap_pointer(grad_table_ptr, p, b, cx, cy, cz, ch, tl.float32)
-        tl.atomic_add(ptrs, w[:, None] * g, mask=ok)
+        tl.atomic_add(ptrs, w[:, None] * g, mask=ok, sem="relaxed")

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
+from ._autograd import empty_f32, reference_vjp, zeros_where_absent
 from ._device import constant_table, host_table, pad_pow2
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
@@ -266,28 +267,11 @@ def reference_forward(p: MLPInputs) -> torch.Tensor:
     return h.to(p.x.dtype)
 
 
-def reference_vjp(p: MLPInputs, grad_y: torch.Tensor, needs: Sequence[bool],
-                  create_graph: bool) -> list:
-    """Gradients of <reference_forward(p), grad_y> with respect to p.tensors() (None where
-    not needed). With create_graph the result stays connected to p's tensors and is
-    differentiable again (second order, on every backend). torch.func.vjp, unlike
-    torch.autograd.grad, also works inside a custom op's implementation."""
-    flat = p.tensors() if create_graph else [t.detach() for t in p.tensors()]
-    wanted = [i for i, need in enumerate(needs) if need]
-    out = [None] * len(flat)
-    if not wanted:
-        return out
-
-    def forward(*chosen):
-        full = list(flat)
-        for i, t in zip(wanted, chosen):
-            full[i] = t
-        return reference_forward(p.with_tensors(full))
-
-    _, vjp = torch.func.vjp(forward, *[flat[i] for i in wanted])
-    for i, g in zip(wanted, vjp(grad_y)):
-        out[i] = g
-    return out
+def mlp_reference_vjp(p: MLPInputs, grad_y: torch.Tensor, needs: Sequence[bool],
+                      create_graph: bool) -> list:
+    """Gradients of <reference_forward(p), grad_y> for p.tensors() (None where not needed)."""
+    return reference_vjp(lambda *flat: reference_forward(p.with_tensors(flat)), p.tensors(),
+                         needs, grad_y, create_graph)
 
 
 # ------------------------------------------------------------------------------- launch
@@ -587,10 +571,6 @@ def _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_ma
                      fast_sine, recompute)
 
 
-def _empty_f32(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(0, dtype=torch.float32)
-
-
 @torch.library.custom_op("nfd_fast::fused_mlp", mutates_args=())
 def _fused_mlp_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
                   bias_mask: int, scale: List[torch.Tensor], scale_mask: int,
@@ -605,9 +585,9 @@ def _fused_mlp_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
                    recompute)
     if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
             or x.numel() == 0:
-        return reference_forward(p), _empty_f32(x), _empty_f32(x)
+        return reference_forward(p), empty_f32(x), empty_f32(x)
     y, z, zf = kernel_forward(p, save_z=save_activations and not recompute)
-    return y, _empty_f32(x) if z is None else z, _empty_f32(x) if zf is None else zf
+    return y, empty_f32(x) if z is None else z, empty_f32(x) if zf is None else zf
 
 
 @_fused_mlp_op.register_fake
@@ -621,10 +601,10 @@ def _fused_mlp_fake(x, weights, biases, bias_mask, scale, scale_mask, shift, shi
     saved = save_activations and not recompute and x.numel() > 0 and \
         backend.resolve("fused_mlp", *tensors, setting=backend_setting) == "triton"
     if not saved:
-        return y, _empty_f32(x), _empty_f32(x)
+        return y, empty_f32(x), empty_f32(x)
     hid_pad = pad_pow2(max(w.shape[-2] for w in weights[:-1]))
     z = x.new_empty(len(weights) - 1, B * N, hid_pad, dtype=torch.float32)
-    zf = x.new_empty(B * N, out, dtype=torch.float32) if activations[-1] else _empty_f32(x)
+    zf = x.new_empty(B * N, out, dtype=torch.float32) if activations[-1] else empty_f32(x)
     return y, z, zf
 
 
@@ -644,12 +624,12 @@ def _fused_mlp_backward_op(grad_y: torch.Tensor, z: torch.Tensor, zf: torch.Tens
                    recompute)
     if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
             or x.numel() == 0:
-        grads = reference_vjp(p, grad_y, needs, create_graph=False)
+        grads = mlp_reference_vjp(p, grad_y, needs, create_graph=False)
     else:
         saved = z.numel() > 0 or p.x.numel() == 0
         grads = kernel_backward(p, grad_y, z if saved else None,
                                 zf if zf.numel() > 0 else None, needs)
-    return [g.contiguous() if g is not None else _empty_f32(x) for g in grads]
+    return zeros_where_absent(grads, x)
 
 
 @_fused_mlp_backward_op.register_fake
@@ -658,7 +638,7 @@ def _fused_mlp_backward_fake(grad_y, z, zf, x, weights, biases, bias_mask, scale
                              leaky_gain, precision, fast_sine, recompute, needs,
                              backend_setting):
     tensors = [x, *weights, *biases, *scale, *shift, *mult]
-    return [torch.empty_like(t) if need else _empty_f32(x) for t, need in zip(tensors, needs)]
+    return [torch.empty_like(t) if need else empty_f32(x) for t, need in zip(tensors, needs)]
 
 
 _TENSOR_ARGS = (0, 1, 2, 4, 6, 8)  # positions of x and the tensor lists among the op's inputs
@@ -693,7 +673,7 @@ def _backward(ctx, grad_y, _grad_z, _grad_zf):
         p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask,
                        mult, mult_mask, activations, w0, leaky_slope, leaky_gain, precision,
                        fast_sine, recompute)
-        grads = reference_vjp(p, grad_y, needs, create_graph=True)
+        grads = mlp_reference_vjp(p, grad_y, needs, create_graph=True)
     else:
         raw = torch.ops.nfd_fast.fused_mlp_backward(
             grad_y, z, zf, x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask,

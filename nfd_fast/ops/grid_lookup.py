@@ -18,22 +18,33 @@ upcasts too, so float16 fields are not also rounded through float16 coordinates)
 
 Fused (backend "triton"): one launch per scale reads every plane's taps in place (any
 strides: channels-last fields read contiguous channel vectors) and writes the combined
-features once. Backward: field gradients by float32 atomic adds, coordinate gradients
-with grid_sample's clip rule (zero at and beyond the border). NaN coordinates give NaN
-features (grid_sample itself returns a border value for them in 'border' mode on CPU).
+features once. Backward: field gradients by relaxed float32 atomic adds, coordinate
+gradients with grid_sample's clip rule (zero at and beyond the border). NaN coordinates
+give NaN features (grid_sample itself returns a border value for them in 'border' mode on
+CPU).
+
+The reference interpolates with gathers and weights in plain PyTorch instead of calling
+grid_sample, whose backward cannot be differentiated again: so second order (gradients
+of coordinate gradients, e.g. an eikonal loss on a grid-based field) works on every
+backend. Registered as the torch.library ops nfd_fast::grid_lookup and
+nfd_fast::grid_lookup_backward.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import backend
+from ._autograd import reference_vjp, zeros_where_absent
 from ._device import host_table, pad_pow2
 
 COMBINES = ("sum", "product", "mean", "concat")
 PADDING_MODES = ("border", "zeros")
+
+
+# ---------------------------------------------------------------------- spec and validation
 
 
 def _validate(coords, fields, planes, combine, padding_mode):
@@ -86,32 +97,58 @@ def _validate(coords, fields, planes, combine, padding_mode):
     return planes, fields
 
 
-# ----------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------ reference
+
+
+def _unnormalize(g: torch.Tensor, size: int, align_corners: bool, padding_mode: str):
+    """grid_sample's pixel coordinate of g along an axis of `size` samples; "border"
+    clips it with grid_sample's gradient rule (zero at and beyond the ends)."""
+    i = (g + 1) / 2 * (size - 1) if align_corners else ((g + 1) * size - 1) / 2
+    if padding_mode == "border":
+        inside = (i > 0) & (i < size - 1)
+        i = torch.where(inside, i, i.clamp(0, size - 1).detach())
+    return i
 
 
 def _read_factor(coords: torch.Tensor, field: torch.Tensor, axes, align_corners: bool,
                  padding_mode: str) -> torch.Tensor:
-    """One factor by grid_sample: [B, N, C] in float32 (float64 for float64 inputs)."""
+    """One factor read by multilinear interpolation, exactly as grid_sample(bilinear):
+    [B, N, C] in float32 (float64 for float64 inputs). Axis j of the factor (x, y, z) is
+    the field's spatial dimension -1-j; a line is the 1-D case."""
     B, N, _ = coords.shape
     dtype = torch.float64 if torch.float64 in (coords.dtype, field.dtype) else torch.float32
-    g = coords.to(dtype)
+    k = len(axes)
     f = field.to(dtype)
-    rank = 1 + len(axes)
-    if f.dim() == rank:
-        f = f.unsqueeze(0).expand(B, *f.shape)
-    if len(axes) == 1:  # a line: a plane of height 1, read at y = 0
-        f = f.unsqueeze(-2)
-        grid = torch.stack([g[..., axes[0]], torch.zeros_like(g[..., 0])], dim=-1)
-    else:
-        grid = g[..., list(axes)]
-    # grid_sample wants [B, H_out, W_out, 2] (planes) or [B, D_out, H_out, W_out, 3] (volumes)
-    grid = grid.view(B, N, 1, 1, 3) if len(axes) == 3 else grid.view(B, N, 1, 2)
-    out = F.grid_sample(f, grid, mode="bilinear", padding_mode=padding_mode, align_corners=align_corners)
-    return out.reshape(B, f.shape[1], N).transpose(1, 2)
+    spatial = list(f.shape[-k:])
+    flat = f.reshape(*f.shape[:-k], -1)  # [(B,) C, S]
+    taps = []  # per axis: (float index of the lower tap, weight of the upper tap, size, stride)
+    stride = 1
+    for j, axis in enumerate(axes):
+        size = spatial[-1 - j]
+        i = _unnormalize(coords[..., axis].to(dtype), size, align_corners, padding_mode)
+        lower = torch.floor(i)
+        taps.append((lower, i - lower, size, stride))
+        stride *= size
+    out = 0
+    for corner in itertools.product((0, 1), repeat=k):
+        weight, index, valid = 1, 0, True
+        for (lower, frac, size, stride_j), upper in zip(taps, corner):
+            pos = lower + upper
+            weight = weight * (frac if upper else 1 - frac)
+            # out-of-range taps read index 0 and are masked ("zeros"; with "border" only
+            # a zero-weight upper tap at the last sample is out of range); NaN stays NaN
+            valid = valid & (pos >= 0) & (pos <= size - 1)
+            index = index + torch.nan_to_num(pos, nan=0.0).clamp(0, size - 1).long() * stride_j
+        if flat.dim() == 3:  # per-sample field
+            values = torch.gather(flat, 2, index.unsqueeze(1).expand(B, flat.shape[1], N))
+        else:
+            values = flat[:, index].transpose(0, 1)  # [C, B, N] -> [B, C, N]
+        out = out + (weight * valid).unsqueeze(1) * values
+    return out.transpose(1, 2)
 
 
 def reference_grid_lookup(coords, fields, planes, combine, align_corners, padding_mode):
-    """grid_sample per factor, combined in PyTorch: the specification."""
+    """Every factor read by _read_factor, combined in PyTorch: the specification."""
     outs = []
     for scale in fields:
         values = [_read_factor(coords, f, axes, align_corners, padding_mode) for f, axes in zip(scale, planes)]
@@ -128,38 +165,18 @@ def reference_grid_lookup(coords, fields, planes, combine, align_corners, paddin
     return torch.cat(outs, dim=-1).to(fields[0][0].dtype)
 
 
-# ----------------------------------------------------------------------------- public op
-
-
-def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
-                planes: Sequence[Sequence[int]], *, combine: str = "sum",
-                align_corners: bool = False, padding_mode: str = "border",
-                sort_backward: bool = False) -> torch.Tensor:
-    """Read multi-scale factorized fields at coordinates; see the module docstring.
-
-    sort_backward (kernel only): order each sample's points by their cell in the finest
-    scale's first plane before the backward, so the field-gradient atomics of a block
-    hit neighbouring cells (an alternative to the plain atomic scatter, to be chosen by
-    GPU measurement; the gradients are the same up to float32 summation order)."""
-    planes, fields = _validate(coords, fields, planes, combine, padding_mode)
-    flat = [f for scale in fields for f in scale]
-    if coords.shape[0] * coords.shape[1] == 0 or backend.resolve("grid_lookup", coords, *flat) == "torch":
-        return reference_grid_lookup(coords, fields, planes, combine, bool(align_corners), padding_mode)
-    spec = _Spec(planes, [len(s) for s in fields], [s[0].shape[-1 - len(planes[0])] for s in fields],
-                 combine, bool(align_corners), padding_mode, bool(sort_backward))
-    return _GridLookupFunction.apply(spec, coords, *flat)
-
-
-# ------------------------------------------------------------------------- Triton glue
+# ------------------------------------------------------------------------------- launch
+# Triton is imported lazily: nfd_fast must import (and serve the reference) without it.
 
 
 class _Spec:
     """The static description of one call (planes, channels per scale, options)."""
 
-    def __init__(self, planes, per_scale, channels, combine, align_corners, padding_mode,
-                 sort_backward=False):
-        self.planes, self.channels, self.sort_backward = planes, channels, sort_backward
-        self.num_scales = len(per_scale)
+    def __init__(self, planes, fields_flat, combine, align_corners, padding_mode, sort_backward):
+        P = len(planes)
+        self.planes, self.sort_backward = planes, sort_backward
+        self.num_scales = len(fields_flat) // P
+        self.channels = [fields_flat[s * P].shape[-1 - len(planes[0])] for s in range(self.num_scales)]
         self.combine, self.align_corners, self.padding_mode = combine, align_corners, padding_mode
         meta = 0
         for p, axes in enumerate(planes):
@@ -169,6 +186,20 @@ class _Spec:
 
     def width(self, s: int) -> int:
         return self.channels[s] * (len(self.planes) if self.combine == "concat" else 1)
+
+    def columns(self) -> tuple:
+        """(first output column of each scale, total output width)."""
+        cols, col = [], 0
+        for s in range(self.num_scales):
+            cols.append(col)
+            col += self.width(s)
+        return cols, col
+
+    def kernel_options(self, dtype) -> dict:
+        return dict(P=len(self.planes), FACTORS=self.factors,
+                    COMBINE=COMBINES.index(self.combine), ALIGN=self.align_corners,
+                    BORDER=self.padding_mode == "border", DTYPE=_kernel_dtype(dtype),
+                    num_warps=NUM_WARPS)
 
 
 def _table(tensors, planes, batch: int) -> torch.Tensor:
@@ -198,21 +229,13 @@ def _kernel_dtype(dtype):
 BLOCK_N, MAX_BLOCK_C, NUM_WARPS = 32, 64, 8
 
 
-def _launch_args(coords, C):
+def _launch_grid(coords, C):
     """(grid, BLOCK_N, BLOCK_C) of one scale's launch."""
     from triton import cdiv
 
     B, N, _ = coords.shape
     block_c = min(MAX_BLOCK_C, pad_pow2(C))
     return (cdiv(N, BLOCK_N), cdiv(C, block_c), B), BLOCK_N, block_c
-
-
-def _scale_columns(spec):
-    cols, col = [], 0
-    for s in range(spec.num_scales):
-        cols.append(col)
-        col += spec.width(s)
-    return cols, col
 
 
 def _cell_order(coords: torch.Tensor, field: torch.Tensor, axes, align_corners: bool) -> torch.Tensor:
@@ -227,56 +250,175 @@ def _cell_order(coords: torch.Tensor, field: torch.Tensor, axes, align_corners: 
     return torch.argsort(key, dim=1).to(torch.int32).contiguous()
 
 
-class _GridLookupFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spec: _Spec, coords: torch.Tensor, *flat):
-        from ..kernels import grid_lookup as K
+def kernel_forward(spec: _Spec, coords: torch.Tensor, flat) -> torch.Tensor:
+    """One launch per scale; returns the features [B, N, F]."""
+    from ..kernels import grid_lookup as K
 
-        B, N, D = coords.shape
-        P = len(spec.planes)
-        cols, F_total = _scale_columns(spec)
-        coords_c = coords.contiguous()
-        out = torch.empty(B, N, F_total, device=coords.device, dtype=flat[0].dtype)
-        for s in range(spec.num_scales):
-            scale = flat[s * P:(s + 1) * P]
-            grid, block_n, block_c = _launch_args(coords, spec.channels[s])
-            K.grid_lookup_fwd_kernel[grid](
-                coords_c, _table(scale, spec.planes, B), out, N, F_total, spec.channels[s], cols[s],
-                D=D, P=P, FACTORS=spec.factors, COMBINE=COMBINES.index(spec.combine),
-                ALIGN=spec.align_corners, BORDER=spec.padding_mode == "border",
-                DTYPE=_kernel_dtype(flat[0].dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
-        ctx.spec = spec
-        ctx.save_for_backward(coords_c, *flat)
-        return out
+    B, N, D = coords.shape
+    P = len(spec.planes)
+    cols, width = spec.columns()
+    coords = coords.contiguous()
+    out = torch.empty(B, N, width, device=coords.device, dtype=flat[0].dtype)
+    for s in range(spec.num_scales):
+        scale = flat[s * P:(s + 1) * P]
+        grid, block_n, block_c = _launch_grid(coords, spec.channels[s])
+        K.grid_lookup_fwd_kernel[grid](
+            coords, _table(scale, spec.planes, B), out, N, width, spec.channels[s], cols[s],
+            D=D, BLOCK_N=block_n, BLOCK_C=block_c, **spec.kernel_options(flat[0].dtype))
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        from ..kernels import grid_lookup as K
 
-        spec = ctx.spec
-        coords, *flat = ctx.saved_tensors
-        B, N, D = coords.shape
-        P = len(spec.planes)
-        need_coords = ctx.needs_input_grad[1]
-        need_fields = any(ctx.needs_input_grad[2:])
-        cols, F_total = _scale_columns(spec)
-        grad_out = grad_out.contiguous()
-        dcoords = torch.zeros(B * N, D, device=coords.device, dtype=torch.float32)
-        dfields = [torch.zeros(f.shape, device=f.device, dtype=torch.float32) for f in flat]
-        perm = coords  # unused unless sorted
-        if spec.sort_backward:
-            perm = _cell_order(coords, flat[(spec.num_scales - 1) * P], spec.planes[0], spec.align_corners)
-        for s in range(spec.num_scales):
-            scale = flat[s * P:(s + 1) * P]
-            grid, block_n, block_c = _launch_args(coords, spec.channels[s])
-            K.grid_lookup_bwd_kernel[grid](
-                coords, _table(scale, spec.planes, B), _table(dfields[s * P:(s + 1) * P], spec.planes, B),
-                grad_out, dcoords, perm, N, F_total, spec.channels[s], cols[s],
-                D=D, P=P, FACTORS=spec.factors, COMBINE=COMBINES.index(spec.combine),
-                ALIGN=spec.align_corners, BORDER=spec.padding_mode == "border",
-                DTYPE=_kernel_dtype(flat[0].dtype), NEED_FIELDS=need_fields, NEED_COORDS=need_coords,
-                SORTED=spec.sort_backward, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
-        dcoords = dcoords.view(B, N, D).to(coords.dtype) if need_coords else None
-        grads = [g.to(f.dtype) if need else None
-                 for g, f, need in zip(dfields, flat, ctx.needs_input_grad[2:])]
-        return (None, dcoords, *grads)
+def kernel_backward(spec: _Spec, grad_out, coords, flat, needs) -> list:
+    """Gradients [coords, *fields] (None where not needed). Field gradients are float32
+    buffers in each field's own layout (a channels-last field's gradient is channels-last,
+    so a warp's atomics touch neighbouring addresses)."""
+    from ..kernels import grid_lookup as K
+
+    B, N, D = coords.shape
+    P = len(spec.planes)
+    cols, width = spec.columns()
+    coords = coords.contiguous()
+    grad_out = grad_out.contiguous()
+    dcoords = torch.zeros(B * N, D, device=coords.device, dtype=torch.float32) if needs[0] else None
+    need_fields = any(needs[1:])
+    dfields = [torch.zeros_like(f, dtype=torch.float32) for f in flat] if need_fields else None
+    perm = None
+    if spec.sort_backward:
+        perm = _cell_order(coords, flat[(spec.num_scales - 1) * P], spec.planes[0], spec.align_corners)
+    for s in range(spec.num_scales):
+        scale = flat[s * P:(s + 1) * P]
+        grad_table = _table(dfields[s * P:(s + 1) * P], spec.planes, B) if need_fields else None
+        grid, block_n, block_c = _launch_grid(coords, spec.channels[s])
+        K.grid_lookup_bwd_kernel[grid](
+            coords, _table(scale, spec.planes, B), grad_table, grad_out, dcoords, perm, N, width,
+            spec.channels[s], cols[s], D=D, BLOCK_N=block_n, BLOCK_C=block_c,
+            **spec.kernel_options(flat[0].dtype))
+    grads = [dcoords.view(B, N, D).to(coords.dtype) if needs[0] else None]
+    grads += [g.to(f.dtype) if need else None for g, f, need in
+              zip(dfields or [None] * len(flat), flat, needs[1:])]
+    return grads
+
+
+# ------------------------------------------------------------------------- registration
+# nfd_fast::grid_lookup is a torch.library custom op (one opaque node for torch.compile,
+# a fake implementation for shapes, registered autograd). Planes travel as flat lists:
+# plane_ranks[p] axes each, concatenated in plane_axes.
+
+
+def _planes_of(plane_axes: Sequence[int], plane_ranks: Sequence[int]) -> list:
+    planes, i = [], 0
+    for r in plane_ranks:
+        planes.append(tuple(plane_axes[i:i + r]))
+        i += r
+    return planes
+
+
+def _scales_of(flat: Sequence[torch.Tensor], P: int) -> list:
+    return [list(flat[s:s + P]) for s in range(0, len(flat), P)]
+
+
+def _use_kernel(coords, fields, setting: str) -> bool:
+    return coords.shape[0] * coords.shape[1] > 0 and \
+        backend.resolve("grid_lookup", coords, *fields, setting=setting) == "triton"
+
+
+@torch.library.custom_op("nfd_fast::grid_lookup", mutates_args=())
+def _grid_lookup_op(coords: torch.Tensor, fields: List[torch.Tensor], plane_axes: List[int],
+                    plane_ranks: List[int], combine: str, align_corners: bool,
+                    padding_mode: str, sort_backward: bool, backend_setting: str) -> torch.Tensor:
+    planes = _planes_of(plane_axes, plane_ranks)
+    if not _use_kernel(coords, fields, backend_setting):
+        return reference_grid_lookup(coords, _scales_of(fields, len(planes)), planes, combine,
+                                     align_corners, padding_mode)
+    spec = _Spec(planes, fields, combine, align_corners, padding_mode, sort_backward)
+    return kernel_forward(spec, coords, fields)
+
+
+@_grid_lookup_op.register_fake
+def _grid_lookup_fake(coords, fields, plane_axes, plane_ranks, combine, align_corners,
+                      padding_mode, sort_backward, backend_setting):
+    planes = _planes_of(plane_axes, plane_ranks)
+    spec = _Spec(planes, fields, combine, align_corners, padding_mode, sort_backward)
+    return coords.new_empty(*coords.shape[:2], spec.columns()[1], dtype=fields[0].dtype)
+
+
+@torch.library.custom_op("nfd_fast::grid_lookup_backward", mutates_args=())
+def _grid_lookup_backward_op(grad_out: torch.Tensor, coords: torch.Tensor,
+                             fields: List[torch.Tensor], plane_axes: List[int],
+                             plane_ranks: List[int], combine: str, align_corners: bool,
+                             padding_mode: str, sort_backward: bool, needs: List[bool],
+                             backend_setting: str) -> List[torch.Tensor]:
+    """First-order gradients [coords, *fields] (empty where not needed)."""
+    planes = _planes_of(plane_axes, plane_ranks)
+    if _use_kernel(coords, fields, backend_setting):
+        spec = _Spec(planes, fields, combine, align_corners, padding_mode, sort_backward)
+        grads = kernel_backward(spec, grad_out, coords, fields, needs)
+    else:
+        grads = _grid_reference_vjp(coords, fields, planes, combine, align_corners,
+                                    padding_mode, grad_out, needs, create_graph=False)
+    return zeros_where_absent(grads, coords)
+
+
+@_grid_lookup_backward_op.register_fake
+def _grid_lookup_backward_fake(grad_out, coords, fields, plane_axes, plane_ranks, combine,
+                               align_corners, padding_mode, sort_backward, needs,
+                               backend_setting):
+    return [torch.empty_like(t) if need else coords.new_empty(0, dtype=torch.float32)
+            for t, need in zip([coords, *fields], needs)]
+
+
+def _grid_reference_vjp(coords, fields, planes, combine, align_corners, padding_mode,
+                        grad_out, needs, create_graph):
+    P = len(planes)
+
+    def forward(c, *flat):
+        return reference_grid_lookup(c, _scales_of(flat, P), planes, combine, align_corners,
+                                     padding_mode)
+
+    return reference_vjp(forward, [coords, *fields], needs, grad_out, create_graph)
+
+
+def _setup_context(ctx, inputs, output):
+    coords, fields, *options = inputs
+    ctx.options = options
+    ctx.save_for_backward(coords, *fields)
+
+
+def _backward(ctx, grad_out):
+    coords, *fields = ctx.saved_tensors
+    plane_axes, plane_ranks, combine, align_corners, padding_mode, sort_backward, setting = ctx.options
+    needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[1]]
+    if torch.is_grad_enabled():  # create_graph: the differentiable reference VJP
+        grads = _grid_reference_vjp(coords, fields, _planes_of(plane_axes, plane_ranks), combine,
+                                    align_corners, padding_mode, grad_out, needs, create_graph=True)
+    else:
+        raw = torch.ops.nfd_fast.grid_lookup_backward(
+            grad_out, coords, fields, plane_axes, plane_ranks, combine, align_corners,
+            padding_mode, sort_backward, needs, setting)
+        grads = [g if need else None for g, need in zip(raw, needs)]
+    return (grads[0], grads[1:]) + (None,) * 7
+
+
+_grid_lookup_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- public op
+
+
+def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
+                planes: Sequence[Sequence[int]], *, combine: str = "sum",
+                align_corners: bool = False, padding_mode: str = "border",
+                sort_backward: bool = False) -> torch.Tensor:
+    """Read multi-scale factorized fields at coordinates; see the module docstring.
+
+    Differentiable to any order in coords and fields (second order through the
+    reference's math). sort_backward (kernel only): order each sample's points by their
+    cell in the finest scale's first plane before the backward, so the field-gradient
+    atomics of a block hit neighbouring cells (an alternative to the plain atomic scatter,
+    to be chosen by GPU measurement; the gradients are the same up to float32 summation
+    order)."""
+    planes, fields = _validate(coords, fields, planes, combine, padding_mode)
+    flat = [f for scale in fields for f in scale]
+    return torch.ops.nfd_fast.grid_lookup(
+        coords, flat, [a for axes in planes for a in axes], [len(axes) for axes in planes],
+        combine, bool(align_corners), padding_mode, bool(sort_backward), backend.get_backend())
