@@ -19,6 +19,15 @@ from conftest import rel_err
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These sizes are tiny: one intra-op thread is several times faster than a contended pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
     """Random values everywhere (zero-initialised noise weights, biases and fc_1 included)."""
     with torch.no_grad():
@@ -383,3 +392,207 @@ def test_cfc_decoder_wide_blocks_use_the_layer_path():
     y = math.sqrt(2) * F.leaky_relu(y @ w[1].T + blk.biases[1][:, None], 0.2)
     h = (y + x @ blk.skip.T) / math.sqrt(2)
     assert rel_err(out, h @ w_out.T) < 1e-12
+
+
+# ---------------------------------------------------------------------- latent diffusion
+
+
+def tiny_diffusion(channels=3):
+    torch.manual_seed(7)
+    unet = LatentUNet(channels, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_levels=(1,), norm_groups=4)
+    randomize_(unet, 0.2)
+    return LatentDiffusion(unet)
+
+
+def test_schedule_and_ddim_spacing_follow_the_reference():
+    s = reference_schedule()
+    betas = torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=F64) ** 2
+    assert s.num_timesteps == 1000 and rel_err(s.betas, betas) < 1e-6
+    assert rel_err(s.alphas_cumprod, torch.cumprod(1 - betas, 0)) < 1e-5
+    times = ddim_timesteps(1000, 50)
+    assert times.tolist() == list(range(999, 0, -20)) + [-1]
+    assert ddim_timesteps(1000, 200)[:3].tolist() == [999, 994, 989] and ddim_timesteps(1000, 200)[-1] == -1
+    assert ddim_timesteps(1000, 3).tolist() == [999, 665, 332, -1]
+    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+        ddim_timesteps(1000, 0)
+
+
+def test_mixed_epsilon_prediction():
+    d = tiny_diffusion()
+    assert tuple(d.mixing_logit.shape) == (1, 3, 1, 1) and (d.mixing_logit == -6).all()
+    with torch.no_grad():
+        d.mixing_logit.copy_(torch.tensor([-1.0, 0.3, 2.0]).view(1, 3, 1, 1))
+    x = torch.randn(2, 3, 4, 4)
+    t = torch.tensor([5, 900])
+    abar = d.schedule.alphas_cumprod[t].view(2, 1, 1, 1)
+    mix = 1 / (1 + torch.exp(-d.mixing_logit))
+    expected = (1 - mix) * torch.sqrt(1 - abar) * x + mix * d.model(x, t)
+    torch.testing.assert_close(d.eps(x, t), expected)
+    # the training loss: MSE between that prediction at q_sample(z0, t, noise) and the noise
+    z0 = torch.randn(2, 3, 4, 4)
+    loss = d.loss(z0, torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    abar = d.schedule.alphas_cumprod[t].view(2, 1, 1, 1)
+    x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+    torch.testing.assert_close(loss, ((d.eps(x_t, t) - noise) ** 2).mean())
+
+
+def test_ddim_sampling_matches_a_plain_loop():
+    d = tiny_diffusion()
+    x_T = torch.randn(2, 3, 4, 4)
+    out = d.sample(x_T.shape, steps=4, x_T=x_T.clone())
+    x = x_T.clone()
+    ac = d.schedule.alphas_cumprod.double()
+    times = [999, 749, 499, 249, -1]
+    with torch.no_grad():
+        for t, prev in zip(times[:-1], times[1:]):
+            eps = d.eps(x, torch.full((2,), t)).double()
+            a_t, a_p = ac[t], (ac[prev] if prev >= 0 else torch.tensor(1.0, dtype=F64))
+            x0 = (x.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            x = (a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps).float()
+    assert rel_err(out, x) < 1e-5
+
+
+def test_diagonal_gaussian_and_kl_weight():
+    moments = torch.randn(3, 4, 5, 5) * 3
+    moments[:, 2:] += torch.tensor([-40.0, 25.0]).view(1, 2, 1, 1)  # outside the clamp
+    post = DiagonalGaussian(moments)
+    assert post.logvar.min() >= -30 and post.logvar.max() <= 20
+    q = torch.distributions.Normal(post.mean, post.std)
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum((1, 2, 3))
+    assert rel_err(post.kl(), expected) < 1e-5
+    assert kl_coefficient(0, 100) == pytest.approx(1e-4)
+    assert kl_coefficient(45, 100, maximum=0.1) == pytest.approx(1e-4 + 0.5 * (0.1 - 1e-4))
+    assert kl_coefficient(90, 100) == kl_coefficient(100, 100) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------ the model, end to end
+
+
+def synthetic_images(n, size, generator):
+    """Soft coloured discs on a coloured background, in [-1, 1]."""
+    c = pixel_centers(size).view(size, size, 2)
+    centre = torch.rand(n, 1, 1, 2, generator=generator) - 0.5
+    radius = 0.3 + 0.3 * torch.rand(n, 1, 1, generator=generator)
+    inside = torch.sigmoid((radius - (c - centre).norm(dim=-1)) * 12).unsqueeze(1)
+    fg, bg = (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1 for _ in range(2))
+    return inside * fg + (1 - inside) * bg
+
+
+def test_vae_shapes_and_fields_at_three_scales():
+    m = DDMI(DDMIConfig.tiny(16))
+    post = m.vae.encode(torch.randn(2, 3, 16, 16))
+    assert post.mean.shape == (2, 4, 4, 4)
+    fields = m.vae.decode(post.mean)
+    assert [tuple(f.shape) for f in fields] == [(2, 8, 4, 4), (2, 8, 8, 8), (2, 8, 16, 16)]
+
+
+def test_training_losses_fall_and_generation_at_two_resolutions(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    images = synthetic_images(6, 8, g)
+    torch.manual_seed(9)
+    m = DDMI(DDMIConfig.tiny(8))
+    opt = torch.optim.Adam(list(m.vae.parameters()) + list(m.readout.parameters()), lr=3e-3)
+    l1 = []
+    for step in range(40):
+        loss, parts = m.vae_loss(images, step, 40, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        l1.append(parts["l1"].item())
+    assert sum(l1[-5:]) < 0.5 * sum(l1[:5]), l1
+    # the latent model, from an even mixing (logit 0) so that 40 steps show learning; the
+    # loss is judged on fixed (t, noise) draws
+    m.diffusion.mixing_logit.data.zero_()
+    opt = torch.optim.Adam(m.diffusion.parameters(), lr=1e-2)
+    batch = images.repeat(4, 1, 1, 1)
+    held = images.repeat(16, 1, 1, 1)
+    before = m.diffusion_loss(held, generator=torch.Generator().manual_seed(0)).item()
+    for _ in range(40):
+        loss = m.diffusion_loss(batch, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = m.diffusion_loss(held, generator=torch.Generator().manual_seed(0)).item()
+    assert after < 0.85 * before, (before, after)
+    small, large = m.generate(2, [8, 24], steps=3, generator=g)
+    assert small.shape == (2, 3, 8, 8) and large.shape == (2, 3, 24, 24)
+    assert torch.isfinite(small).all() and torch.isfinite(large).all()
+    m.save(tmp_path / "ddmi.pt")
+    again = DDMI.load(tmp_path / "ddmi.pt")
+    torch.testing.assert_close(again.reconstruct(images[:2], 12), m.reconstruct(images[:2], 12))
+
+
+def test_backends_agree_on_the_first_training_step():
+    images = synthetic_images(2, 8, torch.Generator().manual_seed(10))
+    torch.manual_seed(10)
+    m = DDMI(DDMIConfig.tiny(8))
+    randomize_(m.readout, 0.2)
+    results = []
+    for name in ("torch", "triton"):
+        m.zero_grad()
+        with nfd_fast.use_backend(name):
+            loss, _ = m.vae_loss(images, generator=torch.Generator().manual_seed(11), noise=False)
+            loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = results
+    assert rel_err(l1, l0) < 1e-5 and len(g0) == len(g1) > 0
+    # attention's key bias has an exactly-zero gradient: judge each against the largest
+    scale = max(g.abs().max() for g in g0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_clear_errors():
+    r = ImageReadout(field_channels=4, hidden=8, style_dim=8, embed_dim=8)
+    fields = [torch.randn(2, 4, 3, 3) for _ in range(3)]
+    coords = torch.rand(2, 5, 2)
+    with pytest.raises(ValueError, match="fields: expected 3 scales"):
+        r(fields[:2], coords, 1.0)
+    with pytest.raises(ValueError, match=r"fields\[1\]: expected \[B=2, C=4, H, W\]"):
+        r([fields[0], torch.randn(2, 5, 3, 3), fields[2]], coords, 1.0)
+    with pytest.raises(ValueError, match=r"coords: expected \[B, N, 2\]"):
+        r(fields, torch.rand(2, 5, 3), 1.0)
+    with pytest.raises(ValueError, match=r"scale: expected a number or a tensor \[B=2\]"):
+        r(fields, coords, torch.ones(3))
+    with pytest.raises(ValueError, match="noise: expected True, False or 12 tensors"):
+        r.cfc_forward(fields, coords, 1.0, noise=[torch.randn(2, 5)] * 11)
+    with pytest.raises(ValueError, match=r"fields\[0\]: expected 3 plane"):
+        ShapeReadout(field_channels=4, hidden=8)([[f] for f in fields], torch.rand(2, 5, 3))
+    with pytest.raises(ValueError, match="block must be one of"):
+        CFCDecoder([(0, 1)], block="dense")
+    dec = CFCDecoder([(0, 1)], block="resnet_fc")
+    blk = CFCBlock([torch.randn(4, 4), torch.randn(4, 4)], [None, None], scale=3)
+    with pytest.raises(ValueError, match=r"program.blocks\[0\].scale: 3 is not one of the 1 scales"):
+        dec(coords, [fields[0]], CFCProgram([blk], torch.randn(3, 4)))
+    blk.scale = 0
+    with pytest.raises(ValueError, match="points: the program has a point layer"):
+        dec(coords, [fields[0]], CFCProgram([blk], torch.randn(3, 4), point_weight=torch.randn(4, 2)))
+    with pytest.raises(ValueError, match=r"program.blocks\[0\].weights\[0\]: expected \[out, in\] or \[B=2"):
+        dec(coords, [fields[0]], CFCProgram([CFCBlock([torch.randn(3, 4, 4)] * 2, [None] * 2, scale=0)],
+                                            torch.randn(3, 4)))
+    m = DDMI(DDMIConfig.tiny(8))
+    with pytest.raises(ValueError, match=r"images: expected \[B, 3, 8, 8\]"):
+        m.vae_loss(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"images: expected \[B, 3, H, W\] with H and W divisible by 4"):
+        m.vae.encode(torch.randn(1, 3, 10, 10))
+    with pytest.raises(ValueError, match=r"z: expected \[B, 4, h, w\]"):
+        m.vae.decode(torch.randn(1, 5, 2, 2))
+    with pytest.raises(ValueError, match=r"x_t: expected \[B, 4, h, w\]"):
+        m.diffusion.eps(torch.randn(1, 3, 2, 2), torch.zeros(1, dtype=torch.long))
+
+
+def test_nan_in_gives_nan_out():
+    r = small_image_readout(torch.float32, field_channels=4, hidden=8)
+    fields, coords = image_inputs(C=4, N=4, dtype=torch.float32)
+    fields[1] = fields[1].detach().clone()
+    fields[1][:, :, :, :] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(r.cfc_forward(fields, coords, 1.0, noise=False)).all()
+        assert torch.isnan(r.reference_forward(fields, coords, 1.0, noise=False)).all()
