@@ -11,25 +11,39 @@ Modes (constexpr MODE):
     LANGEVIN      out = x + step_b g + sqrt(2 step_b) z; out2 = x + step_b g  (x_mean)
     VP_PREDICTOR  out = x_mean + sqrt(beta_t) z, x_mean = (2 - sqrt(1 - beta_t)) x + beta_t s
     NOISE_SUMSQ   sumsq[b] += sum of z^2 over the block (the Langevin noise norm)
+    NOISE_DRAW    out = z (the in-kernel noise, regenerated for a backward)
+The second output is written only when out2_ptr is given (None: the caller keeps one).
 
-Layout: every tensor is [B, S] contiguous (S = elements per sample); program (i, b) owns
-elements i*BLOCK .. of sample b, so per-sample coefficients are scalars of the program.
-In-kernel noise is Philox (tl.randn) keyed by a seed read from memory (so a captured CUDA
-graph draws fresh noise when the seed buffer is refilled) and the element's global index.
+Layout: every tensor is [B, S] contiguous (S = elements per sample). Programs run along
+grid axis 0 only (CUDA allows 2^31 - 1 there, 65,535 on axes 1 and 2): program pid owns
+elements (pid % T) * BLOCK .. of sample pid // T, T = blocks per sample, so per-sample
+coefficients are scalars of the program. In-kernel noise is Philox (tl.randn) keyed by a
+seed read from memory (so a captured CUDA graph draws fresh noise when the seed buffer is
+refilled) and the element's global index.
 """
 import triton
 import triton.language as tl
 
-Q_SAMPLE, DDPM, DDIM, LANGEVIN, VP_PREDICTOR, NOISE_SUMSQ = 0, 1, 2, 3, 4, 5
-EPSILON, SAMPLE, V_PREDICTION = 0, 1, 2
-NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
+# Mode and prediction codes: the index of the name in nfd_fast.ops.diffusion's MODES and
+# PREDICTION_TYPES (a test checks they agree).
+Q_SAMPLE = tl.constexpr(0)
+DDPM = tl.constexpr(1)
+DDIM = tl.constexpr(2)
+LANGEVIN = tl.constexpr(3)
+VP_PREDICTOR = tl.constexpr(4)
+NOISE_SUMSQ = tl.constexpr(5)
+NOISE_DRAW = tl.constexpr(6)
+EPSILON = tl.constexpr(0)
+SAMPLE = tl.constexpr(1)
+V_PREDICTION = tl.constexpr(2)
 
 
 @triton.jit
-def _noise(noise_ptr, seed_ptr, offs, mask, NOISE: tl.constexpr):
-    if NOISE == 1:
+def _noise(noise_ptr, seed_ptr, offs, mask):
+    """z: the given noise, else Philox normals from the seed, else zeros."""
+    if noise_ptr is not None:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    elif NOISE == 2:
+    elif seed_ptr is not None:
         # Philox counters are 32-bit: elements 2^32 apart share a stream (beyond any batch
         # a step sees: 2^32 float32 elements are 16 GiB).
         z = tl.randn(tl.load(seed_ptr), offs.to(tl.uint32))
@@ -43,10 +57,10 @@ def _x0_and_eps(out, x, a_t, PRED: tl.constexpr):
     """(x0, eps_hat) from the model output under the prediction type."""
     sa = tl.sqrt(a_t)
     sb = tl.sqrt(1.0 - a_t)
-    if PRED == 0:
+    if PRED == EPSILON:
         x0 = (x - sb * out) / sa
         eps = out
-    elif PRED == 1:
+    elif PRED == SAMPLE:
         x0 = out
         eps = (x - sa * out) / sb
     else:
@@ -59,59 +73,74 @@ def _x0_and_eps(out, x, a_t, PRED: tl.constexpr):
 def diffusion_step_kernel(
     out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, noise_ptr, seed_ptr,
     t_ptr, prev_ptr, ac_ptr, betas_ptr, thresh_ptr, step_ptr, sumsq_ptr,
-    S, guidance, eta, clip_lo, clip_hi,
-    MODE: tl.constexpr, PRED: tl.constexpr, NOISE: tl.constexpr, CFG: tl.constexpr,
-    CLIP: tl.constexpr, THRESHOLD: tl.constexpr, FIXED_LARGE: tl.constexpr,
-    ALPHA_ONE: tl.constexpr, CLIPPED_EPS: tl.constexpr, BLOCK: tl.constexpr,
+    S, blocks_per_sample, guidance, eta, clip_lo, clip_hi,
+    MODE: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr,
+    FIXED_LARGE: tl.constexpr, ALPHA_ONE: tl.constexpr, CLIPPED_EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    """Absent inputs (uncond for guidance, noise, seed, prev, thresholds, step, sumsq,
+    out2) are None pointers: their code is compiled out."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // blocks_per_sample
+    cols = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < S
     offs = b * S + cols  # int64: a DDMI latent batch passes 2^31 elements
-    z = _noise(noise_ptr, seed_ptr, offs, mask, NOISE)
+    z = _noise(noise_ptr, seed_ptr, offs, mask)
 
-    if MODE == 5:  # NOISE_SUMSQ
-        tl.atomic_add(sumsq_ptr + b, tl.sum(tl.where(mask, z * z, 0.0), 0))
+    if MODE == NOISE_SUMSQ:
+        tl.atomic_add(sumsq_ptr + b, tl.sum(tl.where(mask, z * z, 0.0), 0), sem="relaxed")
+    elif MODE == NOISE_DRAW:
+        tl.store(out_ptr + offs, z, mask=mask)
     else:
         _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_ptr,
               betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, guidance, eta, clip_lo,
-              clip_hi, MODE, PRED, CFG, CLIP, THRESHOLD, FIXED_LARGE, ALPHA_ONE, CLIPPED_EPS)
+              clip_hi, MODE, PRED, CLIP, FIXED_LARGE, ALPHA_ONE, CLIPPED_EPS)
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    """min(max(v, lo), hi) that keeps NaN (tl.minimum / tl.maximum would drop it)."""
+    return tl.where(v != v, v, tl.minimum(tl.maximum(v, lo), hi))
+
+
+@triton.jit
+def _store(ptr, offs, v, mask):
+    if ptr is not None:
+        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_ptr,
           betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, guidance, eta, clip_lo, clip_hi,
-          MODE: tl.constexpr, PRED: tl.constexpr, CFG: tl.constexpr, CLIP: tl.constexpr,
-          THRESHOLD: tl.constexpr, FIXED_LARGE: tl.constexpr, ALPHA_ONE: tl.constexpr,
-          CLIPPED_EPS: tl.constexpr):
+          MODE: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr,
+          FIXED_LARGE: tl.constexpr, ALPHA_ONE: tl.constexpr, CLIPPED_EPS: tl.constexpr):
     """The elementwise update of every mode but NOISE_SUMSQ, for one block of elements."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(model_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if CFG:  # guided output; never written to memory
+    if uncond_ptr is not None:  # guided output; never written to memory
         u = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = u + guidance * (m - u)
 
     t = tl.load(t_ptr + b)
-    if MODE == 0:  # Q_SAMPLE: x is x0, m is the noise
+    if MODE == Q_SAMPLE:  # x is x0, m is the noise
         a_t = tl.load(ac_ptr + t)
         sa = tl.sqrt(a_t)
         sb = tl.sqrt(1.0 - a_t)
-        tl.store(out_ptr + offs, (sa * x + sb * m).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out2_ptr + offs, (sa * m - sb * x).to(out2_ptr.dtype.element_ty), mask=mask)
-    elif MODE == 3:  # LANGEVIN: m is the score, step from the per-sample step buffer
+        _store(out_ptr, offs, sa * x + sb * m, mask)
+        _store(out2_ptr, offs, sa * m - sb * x, mask)
+    elif MODE == LANGEVIN:  # m is the score, step from the per-sample step buffer
         step = tl.load(step_ptr + b)
         x_mean = x + step * m
-        tl.store(out_ptr + offs, (x_mean + tl.sqrt(2.0 * step) * z).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out2_ptr + offs, x_mean.to(out2_ptr.dtype.element_ty), mask=mask)
-    elif MODE == 4:  # VP_PREDICTOR (reverse diffusion): m is the score
+        _store(out_ptr, offs, x_mean + tl.sqrt(2.0 * step) * z, mask)
+        _store(out2_ptr, offs, x_mean, mask)
+    elif MODE == VP_PREDICTOR:  # reverse diffusion: m is the score
         beta = tl.load(betas_ptr + t)
         x_mean = (2.0 - tl.sqrt(1.0 - beta)) * x + beta * m
-        tl.store(out_ptr + offs, (x_mean + tl.sqrt(beta) * z).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out2_ptr + offs, x_mean.to(out2_ptr.dtype.element_ty), mask=mask)
+        _store(out_ptr, offs, x_mean + tl.sqrt(beta) * z, mask)
+        _store(out2_ptr, offs, x_mean, mask)
     else:  # DDPM / DDIM
         a_t = tl.load(ac_ptr + t)
-        prev = tl.load(prev_ptr + b)
+        prev = tl.load(prev_ptr + b)  # DDPM and DDIM always get prev
         if ALPHA_ONE:
             final = 1.0
         else:
@@ -120,12 +149,12 @@ def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_p
         b_t = 1.0 - a_t
         b_p = 1.0 - a_p
         x0, eps = _x0_and_eps(m, x, a_t, PRED)
-        if THRESHOLD:
+        if thresh_ptr is not None:
             s = tl.load(thresh_ptr + b)
-            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+            x0 = _clamp(x0, -s, s) / s
         if CLIP:
-            x0 = tl.minimum(tl.maximum(x0, clip_lo), clip_hi)
-        if MODE == 1:  # DDPM
+            x0 = _clamp(x0, clip_lo, clip_hi)
+        if MODE == DDPM:
             alpha = a_t / a_p
             beta = 1.0 - alpha
             mean = (tl.sqrt(a_p) * beta / b_t) * x0 + (tl.sqrt(alpha) * b_p / b_t) * x
@@ -140,5 +169,5 @@ def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_p
             sigma = eta * tl.sqrt((b_p / b_t) * (1.0 - a_t / a_p))
             x_prev = tl.sqrt(a_p) * x0 + tl.sqrt(tl.maximum(1.0 - a_p - sigma * sigma, 0.0)) * eps
             x_prev += sigma * z
-        tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out2_ptr + offs, x0.to(out2_ptr.dtype.element_ty), mask=mask)
+        _store(out_ptr, offs, x_prev, mask)
+        _store(out2_ptr, offs, x0, mask)

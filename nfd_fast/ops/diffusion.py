@@ -1,7 +1,8 @@
 """Fused diffusion steps: q_sample, DDPM, DDIM, Langevin corrector, VP predictor, with
 per-sample timesteps, classifier-free guidance and in-kernel noise.
 
-The math is ../shared/reference/diffusion.md (a_t = alphas_cumprod[t], b_t = 1 - a_t):
+The math follows the common scheduler library's conventions (a_t = alphas_cumprod[t],
+b_t = 1 - a_t):
     q_sample      x_t = sqrt(a_t) x0 + sqrt(b_t) eps;  v = sqrt(a_t) eps - sqrt(b_t) x0
     prediction    epsilon / sample / v_prediction -> (x0, eps_hat); then optional dynamic
                   thresholding (per-sample quantile) or clip of x0
@@ -23,7 +24,17 @@ tensor is written or read); the reference draws torch.randn from the same genera
 the two backends' random draws differ while their statistics agree.
 
 Validation reads t's values (a host sync for device tensors) unless validate=False, which
-the sampling loop uses: its timesteps are built valid and must stay on the device.
+the sampling loop uses: its timesteps are built valid and must stay on the device; under
+torch.compile the range check becomes an asynchronous device assertion.
+
+Every step is the one torch.library op nfd_fast::diffusion_step (one kernel family, one
+op; MODES names its modes), with a fake implementation and registered autograd:
+gradients reach the model output, x, the unconditional output, given noise, the
+dynamic-threshold scale and the Langevin step (so an encoder trained through q_sample
+gets its gradient on every backend). The backward is the reference's vector-Jacobian
+product (these steps are elementwise and memory-bound: a second fused kernel would save
+little); in-kernel noise that it needs is regenerated from the seed, not stored.
+Results are contiguous whatever x's layout.
 """
 from __future__ import annotations
 
@@ -32,14 +43,17 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import backend
+from ._autograd import empty_f32, reference_vjp
 from ._device import host_table
 
+# MODES, PREDICTION_TYPES: the index of a name is its code in kernels/diffusion.py
+MODES = ("q_sample", "ddpm", "ddim", "langevin", "vp_predictor", "noise_sumsq", "noise_draw")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 Timesteps = Union[int, torch.Tensor]
 
 
-# ----------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------- spec and validation
 
 
 def _check_x(x: torch.Tensor, name: str) -> None:
@@ -74,8 +88,10 @@ def _timesteps(t: Timesteps, x: torch.Tensor, schedule, name: str, validate: boo
     if validate and B > 0:
         # prev_t may be any negative value: it marks the final step
         bad = (tt >= T) if allow_negative else ((tt < 0) | (tt >= T))
-        if bool(bad.any()):
-            allowed = f"< {T}" if allow_negative else f"in [0, {T - 1}]"
+        allowed = f"< {T}" if allow_negative else f"in [0, {T - 1}]"
+        if torch.compiler.is_compiling():  # no host sync inside a compiled graph
+            torch._assert_async(~bad.any(), f"{name}: timesteps must be {allowed}")
+        elif bool(bad.any()):
             raise ValueError(f"{name}: timesteps must be {allowed}, got {tt[bad][:4].tolist()}")
     return tt.contiguous()
 
@@ -104,7 +120,7 @@ def _check_guidance(model_output, uncond_output, guidance_scale) -> None:
     _check_like(uncond_output, model_output, "uncond_output")
 
 
-# -------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------ reference
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -182,19 +198,212 @@ def reference_ddim(m, x, t, prev, schedule, z, pred, clip, threshold, eta, set_a
     return x_prev, x0
 
 
-# ------------------------------------------------------------------------ dispatching
+def reference_step(mode: str, x, model, uncond, z, t, prev, alphas_cumprod, betas, threshold,
+                   step, guidance, eta, clip, prediction_type, fixed_large, alpha_one,
+                   clipped_eps):
+    """(out, out2) of one step mode in float32: the specification of the kernel.
+    z: the noise (a tensor, or 0.0 for none); schedule tensors passed in."""
+    xf = x.float()
+    if mode == "noise_sumsq":
+        return (z * z).reshape(x.shape[0], -1).sum(1), None
+    if mode == "noise_draw":
+        return z + 0 * xf, None
+    m = guided(model, uncond, guidance)
+    if mode == "q_sample":  # x is x0, m the noise
+        a = _per_sample(alphas_cumprod[t], x)
+        return a.sqrt() * xf + (1 - a).sqrt() * m, a.sqrt() * m - (1 - a).sqrt() * xf
+    if mode == "langevin":
+        x_mean = xf + _per_sample(step, x) * m
+        return x_mean + _per_sample((2 * step).sqrt(), x) * z, x_mean
+    if mode == "vp_predictor":
+        beta = _per_sample(betas[t], x)
+        x_mean = xf - ((1 - beta).sqrt() * xf - xf - beta * m)
+        return x_mean + beta.sqrt() * z, x_mean
+    schedule = _Schedule(alphas_cumprod)
+    if mode == "ddpm":
+        return reference_ddpm(m, xf, t, prev, schedule, z, prediction_type, clip, threshold,
+                              "fixed_large" if fixed_large else "fixed_small")
+    return reference_ddim(m, xf, t, prev, schedule, z, prediction_type, clip, threshold, eta,
+                          alpha_one, clipped_eps)
 
 
-def _use_kernel(op: str, *tensors) -> bool:
-    return backend.resolve(op, *tensors) == "triton"
+class _Schedule:
+    """The part of a schedule the reference steps read."""
+
+    def __init__(self, alphas_cumprod):
+        self.alphas_cumprod = alphas_cumprod
 
 
 def _draw_noise(x, generator, seed=None):
+    """The reference's noise: torch.randn (from `generator`, or one seeded with `seed`)."""
     if seed is not None:  # the reference cannot replay Philox: seed a torch generator instead
         generator = torch.Generator(x.device).manual_seed(int(seed))
     if generator is None:  # randn_like also traces under torch.compile with dynamic shapes
         return torch.randn_like(x, dtype=torch.float32)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------- launch
+# Triton is imported lazily: nfd_fast must import (and serve the reference) without it.
+
+BLOCK, NUM_WARPS = 1024, 4
+
+
+def kernel_step(mode: str, x, model, uncond, noise, seed, t, prev, alphas_cumprod, betas,
+                threshold, step, guidance, eta, clip, prediction_type, fixed_large,
+                alpha_one, clipped_eps, want_second: bool):
+    """(out, out2 or None): one pass over memory; absent inputs are None pointers."""
+    from triton import cdiv
+
+    from ..kernels import diffusion as K
+
+    B = x.shape[0]
+    S = x.numel() // max(B, 1)
+    per_sample = mode == "noise_sumsq"
+    out = torch.zeros(B, device=x.device, dtype=torch.float32) if per_sample else \
+        torch.empty(x.shape, device=x.device, dtype=torch.float32 if mode == "noise_draw" else x.dtype)
+    out2 = torch.empty(x.shape, device=x.device, dtype=x.dtype) if want_second else None
+    if x.numel() == 0:
+        return out, out2
+    c = lambda v: v.contiguous() if v is not None else None  # noqa: E731
+    tiles = cdiv(S, BLOCK)
+    K.diffusion_step_kernel[(B * tiles,)](
+        None if per_sample else out, out2, c(x), c(model), c(uncond), c(noise), c(seed), c(t),
+        c(prev), alphas_cumprod, betas, c(threshold), c(step), out if per_sample else None,
+        S, tiles, float(guidance), float(eta), float(clip[0]) if clip else 0.0,
+        float(clip[1]) if clip else 0.0,
+        MODE=MODES.index(mode), PRED=PREDICTION_TYPES.index(prediction_type),
+        CLIP=clip is not None, FIXED_LARGE=fixed_large, ALPHA_ONE=alpha_one,
+        CLIPPED_EPS=clipped_eps, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return out, out2
+
+
+# ------------------------------------------------------------------------- registration
+# nfd_fast::diffusion_step takes every mode's inputs; a mode ignores what it does not
+# read. has_clip separates "no clip" from a clip range.
+
+
+def _use_kernel(x, setting: str, *tensors) -> bool:
+    return backend.resolve("diffusion_step", x, *tensors, setting=setting) == "triton"
+
+
+@torch.library.custom_op("nfd_fast::diffusion_step", mutates_args=())
+def _diffusion_step_op(mode: str, x: torch.Tensor, model: Optional[torch.Tensor],
+                       uncond: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                       seed: Optional[torch.Tensor], t: torch.Tensor,
+                       prev: Optional[torch.Tensor], alphas_cumprod: torch.Tensor,
+                       betas: torch.Tensor, threshold: Optional[torch.Tensor],
+                       step: Optional[torch.Tensor], guidance: float, eta: float,
+                       has_clip: bool, clip_lo: float, clip_hi: float, prediction_type: str,
+                       fixed_large: bool, alpha_one: bool, clipped_eps: bool,
+                       want_second: bool, backend_setting: str
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, out2): out2 is empty unless want_second (see kernels/diffusion.py)."""
+    clip = (clip_lo, clip_hi) if has_clip else None
+    if _use_kernel(x, backend_setting, model, uncond, noise):
+        out, out2 = kernel_step(mode, x, model, uncond, noise, seed, t, prev, alphas_cumprod,
+                                betas, threshold, step, guidance, eta, clip, prediction_type,
+                                fixed_large, alpha_one, clipped_eps, want_second)
+        return out, out2 if out2 is not None else empty_f32(x)
+    z = noise.float() if noise is not None else 0.0
+    out, out2 = reference_step(mode, x, model, uncond, z, t, prev, alphas_cumprod, betas,
+                               threshold, step, guidance, eta, clip, prediction_type,
+                               fixed_large, alpha_one, clipped_eps)
+    # copies: a reference result can be an input itself (x0 = model output under
+    # "sample"), and an op's outputs must not alias its inputs
+    dtype = torch.float32 if mode in ("noise_sumsq", "noise_draw") else x.dtype
+    out = out.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    if not want_second:
+        return out, empty_f32(x)
+    return out, out2.to(x.dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+@_diffusion_step_op.register_fake
+def _diffusion_step_fake(mode, x, model, uncond, noise, seed, t, prev, alphas_cumprod, betas,
+                         threshold, step, guidance, eta, has_clip, clip_lo, clip_hi,
+                         prediction_type, fixed_large, alpha_one, clipped_eps, want_second,
+                         backend_setting):
+    if mode == "noise_sumsq":
+        out = x.new_empty(x.shape[0], dtype=torch.float32)
+    else:
+        out = x.new_empty(x.shape, dtype=torch.float32 if mode == "noise_draw" else x.dtype)
+    return out, x.new_empty(x.shape) if want_second else empty_f32(x)
+
+
+# inputs whose gradient the backward gives, by position among the op's arguments
+_DIFFERENTIABLE = {"x": 1, "model": 2, "uncond": 3, "noise": 4, "alphas_cumprod": 8,
+                   "betas": 9, "threshold": 10, "step": 11}
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = list(inputs)
+    ctx.save_for_backward(*[inputs[i] for i in _DIFFERENTIABLE.values()])
+
+
+def _backward(ctx, grad_out, grad_out2):
+    args = ctx.inputs
+    saved = ctx.saved_tensors
+    for i, t in zip(_DIFFERENTIABLE.values(), saved):
+        args[i] = t
+    (mode, x, model, uncond, noise, seed, t, prev, ac, betas, threshold, step, guidance, eta,
+     has_clip, clip_lo, clip_hi, pred, fixed_large, alpha_one, clipped_eps, want_second,
+     setting) = args
+    z = noise
+    if z is None and seed is not None:  # regenerate the in-kernel noise
+        z, _ = torch.ops.nfd_fast.diffusion_step(
+            "noise_draw", x.detach(), None, None, None, seed, t, None, ac.detach(),
+            betas.detach(), None, None, 0.0, 0.0, False, 0.0, 0.0, "epsilon", False, True,
+            False, False, setting)
+    clip = (clip_lo, clip_hi) if has_clip else None
+    names = list(_DIFFERENTIABLE)
+    tensors = [args[i] for i in _DIFFERENTIABLE.values()]
+    needs = [t_ is not None and ctx.needs_input_grad[i]
+             for t_, i in zip(tensors, _DIFFERENTIABLE.values())]
+    present = [i for i, t_ in enumerate(tensors) if t_ is not None]
+
+    def forward(*flat):
+        full = dict(zip(names, tensors))
+        full.update({names[i]: v for i, v in zip(present, flat)})
+        noise_ = full["noise"].float() if full["noise"] is not None else \
+            (z.float() if z is not None else 0.0)
+        out, out2 = reference_step(mode, full["x"], full["model"], full["uncond"], noise_, t,
+                                   prev, full["alphas_cumprod"], full["betas"],
+                                   full["threshold"], full["step"], guidance, eta, clip, pred,
+                                   fixed_large, alpha_one, clipped_eps)
+        return out, (out2 if out2 is not None else out * 0)
+
+    grad2 = grad_out2 if want_second and grad_out2 is not None and grad_out2.numel() else None
+    grad_outputs = (grad_out.float(), grad2.float() if grad2 is not None else
+                    torch.zeros_like(grad_out, dtype=torch.float32))
+    grads = reference_vjp(forward, [tensors[i] for i in present], [needs[i] for i in present],
+                          grad_outputs, create_graph=torch.is_grad_enabled())
+    result = [None] * len(args)
+    for i, g in zip(present, grads):
+        pos = _DIFFERENTIABLE[names[i]]
+        result[pos] = None if g is None else g.to(args[pos].dtype)
+    return tuple(result)
+
+
+_diffusion_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _step_op(mode: str, x, *, model=None, uncond=None, noise=None, seed=None, t=None,
+             prev=None, schedule=None, threshold=None, step=None, guidance=None, eta=0.0,
+             clip=None, prediction_type="epsilon", fixed_large=False, alpha_one=True,
+             clipped_eps=False, want_second=True):
+    """The public steps' one call into the registered op."""
+    out, out2 = torch.ops.nfd_fast.diffusion_step(
+        mode, x, model, uncond, noise, seed, t, prev, schedule.alphas_cumprod, schedule.betas,
+        threshold, step, float(guidance or 0.0), float(eta), clip is not None,
+        float(clip[0]) if clip else 0.0, float(clip[1]) if clip else 0.0, prediction_type,
+        fixed_large, alpha_one, clipped_eps, want_second, backend.get_backend())
+    return out, (out2 if want_second else None)
+
+
+def _kernel_noise(x, *tensors) -> bool:
+    """Whether this call's noise is drawn in-kernel (Triton backend) or by torch.randn."""
+    return backend.resolve("diffusion_step", x, *tensors) == "triton"
 
 
 def _seed(x: torch.Tensor, generator, seed=None) -> torch.Tensor:
@@ -209,38 +418,17 @@ def _seed(x: torch.Tensor, generator, seed=None) -> torch.Tensor:
     return seed.to(x.device)
 
 
-def _launch(mode, x, model=None, *, out2=True, uncond=None, guidance=0.0, noise=None,
-            seed=None, t=None, prev=None, schedule=None, threshold=None, step=None,
-            sumsq=None, pred="epsilon", clip=None, eta=0.0, fixed_large=False,
-            alpha_one=True, clipped_eps=False):
-    from triton import cdiv
-
-    from ..kernels import diffusion as K
-
-    B = x.shape[0]
-    S = x.numel() // max(B, 1)
-    out = torch.empty_like(x)
-    second = torch.empty_like(x) if out2 else out
-    if x.numel() == 0:
-        return out, second
-    dummy = schedule.betas if schedule is not None else x
-    noise_kind = K.NOISE_GIVEN if noise is not None else (K.NOISE_PHILOX if seed is not None else K.NOISE_NONE)
-    block = 1024
-    grid = (cdiv(S, block), B)
-    c = lambda v: v.contiguous() if v is not None else dummy  # noqa: E731
-    K.diffusion_step_kernel[grid](
-        out, second, x.contiguous(), c(model), c(uncond), c(noise), c(seed), c(t), c(prev),
-        schedule.alphas_cumprod if schedule is not None else dummy,
-        schedule.betas if schedule is not None else dummy, c(threshold), c(step), c(sumsq),
-        S, float(guidance), float(eta), float(clip[0]) if clip else 0.0, float(clip[1]) if clip else 0.0,
-        MODE=mode, PRED=PREDICTION_TYPES.index(pred), NOISE=noise_kind, CFG=uncond is not None,
-        CLIP=clip is not None, THRESHOLD=threshold is not None, FIXED_LARGE=fixed_large,
-        ALPHA_ONE=alpha_one, CLIPPED_EPS=clipped_eps, BLOCK=block, num_warps=4,
-    )
-    return out, second
+def _noise_inputs(x, noise, generator, seed, needed: bool, *tensors):
+    """(noise, seed) for the op: the given noise; else on the Triton backend a Philox seed
+    (no noise tensor exists), on the reference backend a torch.randn draw."""
+    if not needed or noise is not None:
+        return noise, None
+    if _kernel_noise(x, *tensors):
+        return None, _seed(x, generator, seed)
+    return _draw_noise(x, generator, seed), None
 
 
-# ----------------------------------------------------------------------------- public
+# ---------------------------------------------------------------------------- public ops
 
 
 def q_sample(x0: torch.Tensor, t: Timesteps, noise: torch.Tensor, schedule, *,
@@ -248,21 +436,16 @@ def q_sample(x0: torch.Tensor, t: Timesteps, noise: torch.Tensor, schedule, *,
     """Forward diffusion x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, per-sample t.
 
     Returns x_t, or (x_t, v) with the velocity target v = sqrt(a_t) noise - sqrt(1 - a_t) x0.
+    Differentiable in x0 and noise.
     """
     _check_x(x0, "x0")
-    _check_like(noise, x0, "noise")
     if noise is None:
         raise ValueError("noise: q_sample needs the noise tensor (it is the training target)")
+    _check_like(noise, x0, "noise")
     _check_schedule(schedule, x0)
     tt = _timesteps(t, x0, schedule, "t", validate)
-    if _use_kernel("q_sample", x0, noise):
-        from ..kernels import diffusion as K
-
-        x_t, v = _launch(K.Q_SAMPLE, x0, noise, t=tt, schedule=schedule)
-    else:
-        a = _per_sample(schedule.alphas_cumprod[tt], x0)
-        x_t = (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
-        v = (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
+    x_t, v = _step_op("q_sample", x0, model=noise, t=tt, schedule=schedule,
+                      want_second=return_velocity)
     return (x_t, v) if return_velocity else x_t
 
 
@@ -301,11 +484,12 @@ def ddpm_step(model_output: torch.Tensor, t: Timesteps, x_t: torch.Tensor, sched
               variance_type: str = "fixed_small", uncond_output: Optional[torch.Tensor] = None,
               guidance_scale: Optional[float] = None,
               dynamic_threshold: Optional[Tuple[float, float]] = None,
-              seed: Union[None, int, torch.Tensor] = None,
-              validate: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+              seed: Union[None, int, torch.Tensor] = None, validate: bool = True,
+              return_x0: bool = True):
     """One DDPM step from t to prev_t (default t - 1; prev_t < 0 is the final step).
 
-    Returns (x_prev, x0_pred). clip_sample: None, r (clip x0 to [-r, r]) or (lo, hi).
+    Returns (x_prev, x0_pred), or x_prev alone with return_x0=False (then x0 is not
+    written). clip_sample: None, r (clip x0 to [-r, r]) or (lo, hi).
     dynamic_threshold: None or (ratio, max_value), e.g. (0.995, 1.0).
     """
     clip = _step_inputs(model_output, x_t, schedule, uncond_output, guidance_scale, noise,
@@ -314,22 +498,16 @@ def ddpm_step(model_output: torch.Tensor, t: Timesteps, x_t: torch.Tensor, sched
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
     tt = _timesteps(t, x_t, schedule, "t", validate)
     pp = tt - 1 if prev_t is None else _timesteps(prev_t, x_t, schedule, "prev_t", validate, allow_negative=True)
-    if validate and prev_t is not None and bool((pp >= tt).any()):
+    if validate and prev_t is not None and not torch.compiler.is_compiling() and bool((pp >= tt).any()):
         raise ValueError("prev_t: must be smaller than t for every sample")
     thr = _threshold(model_output, uncond_output, guidance_scale, x_t, tt, schedule, prediction_type,
                      dynamic_threshold)
-    if _use_kernel("ddpm_step", x_t, model_output, uncond_output, noise):
-        from ..kernels import diffusion as K
-
-        seed = None if noise is not None else _seed(x_t, generator, seed)
-        return _launch(K.DDPM, x_t, model_output, uncond=uncond_output, guidance=guidance_scale or 0.0,
-                       noise=noise, seed=seed, t=tt, prev=pp, schedule=schedule, threshold=thr,
-                       pred=prediction_type, clip=clip, fixed_large=variance_type == "fixed_large")
-    z = noise.float() if noise is not None else _draw_noise(x_t, generator, seed)
-    m = guided(model_output, uncond_output, guidance_scale)
-    x_prev, x0 = reference_ddpm(m, x_t.float(), tt, pp, schedule, z, prediction_type, clip, thr,
-                                variance_type)
-    return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
+    noise, seed_t = _noise_inputs(x_t, noise, generator, seed, True, model_output, uncond_output)
+    x_prev, x0 = _step_op("ddpm", x_t, model=model_output, uncond=uncond_output, noise=noise,
+                          seed=seed_t, t=tt, prev=pp, schedule=schedule, threshold=thr,
+                          guidance=guidance_scale, clip=clip, prediction_type=prediction_type,
+                          fixed_large=variance_type == "fixed_large", want_second=return_x0)
+    return (x_prev, x0) if return_x0 else x_prev
 
 
 def ddim_step(model_output: torch.Tensor, t: Timesteps, prev_t: Timesteps, x_t: torch.Tensor,
@@ -339,52 +517,33 @@ def ddim_step(model_output: torch.Tensor, t: Timesteps, prev_t: Timesteps, x_t: 
               set_alpha_to_one: bool = True, use_clipped_model_output: bool = False,
               uncond_output: Optional[torch.Tensor] = None, guidance_scale: Optional[float] = None,
               dynamic_threshold: Optional[Tuple[float, float]] = None,
-              seed: Union[None, int, torch.Tensor] = None,
-              validate: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+              seed: Union[None, int, torch.Tensor] = None, validate: bool = True,
+              return_x0: bool = True):
     """One DDIM step from t to prev_t (prev_t < 0: the final step, a_p = 1 when
-    set_alpha_to_one else alphas_cumprod[0]). Returns (x_prev, x0_pred). Noise is drawn
-    only when eta > 0.
+    set_alpha_to_one else alphas_cumprod[0]). Returns (x_prev, x0_pred), or x_prev alone
+    with return_x0=False. Noise is drawn only when eta > 0.
 
     Noise: `noise` explicit, else drawn from `seed` (an int, or an int64 device tensor
     that a captured CUDA graph re-reads at each replay) or from `generator`."""
     clip = _step_inputs(model_output, x_t, schedule, uncond_output, guidance_scale, noise,
                         prediction_type, clip_sample, dynamic_threshold)
-    if eta < 0:
+    if not eta >= 0:  # also refuses NaN
         raise ValueError(f"eta must be >= 0, got {eta}")
     tt = _timesteps(t, x_t, schedule, "t", validate)
     pp = _timesteps(prev_t, x_t, schedule, "prev_t", validate, allow_negative=True)
-    if validate and bool((pp >= tt).any()):
+    if validate and not torch.compiler.is_compiling() and bool((pp >= tt).any()):
         raise ValueError("prev_t: must be smaller than t for every sample")
     thr = _threshold(model_output, uncond_output, guidance_scale, x_t, tt, schedule, prediction_type,
                      dynamic_threshold)
     stochastic = eta > 0
-    if _use_kernel("ddim_step", x_t, model_output, uncond_output, noise):
-        from ..kernels import diffusion as K
-
-        seed = _seed(x_t, generator, seed) if stochastic and noise is None else None
-        return _launch(K.DDIM, x_t, model_output, uncond=uncond_output, guidance=guidance_scale or 0.0,
-                       noise=noise if stochastic else None, seed=seed, t=tt, prev=pp,
-                       schedule=schedule, threshold=thr, pred=prediction_type, clip=clip, eta=eta,
-                       alpha_one=set_alpha_to_one, clipped_eps=use_clipped_model_output)
-    z = 0.0
-    if stochastic:
-        z = noise.float() if noise is not None else _draw_noise(x_t, generator, seed)
-    m = guided(model_output, uncond_output, guidance_scale)
-    x_prev, x0 = reference_ddim(m, x_t.float(), tt, pp, schedule, z, prediction_type, clip, thr,
-                                eta, set_alpha_to_one, use_clipped_model_output)
-    return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
-
-
-def _noise_norm_mean(x, noise, seed) -> torch.Tensor:
-    """Mean over the batch of the per-sample L2 norm of the step's noise (float32 scalar):
-    of `noise` when given, else of the Philox stream `seed` draws (regenerated, not stored)."""
-    if noise is not None:
-        return noise.float().reshape(x.shape[0], -1).norm(dim=1).mean()
-    from ..kernels import diffusion as K
-
-    sumsq = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
-    _launch(K.NOISE_SUMSQ, x, out2=False, seed=seed, sumsq=sumsq)
-    return sumsq.sqrt().mean()
+    noise, seed_t = _noise_inputs(x_t, noise if stochastic else None, generator, seed, stochastic,
+                                  model_output, uncond_output)
+    x_prev, x0 = _step_op("ddim", x_t, model=model_output, uncond=uncond_output, noise=noise,
+                          seed=seed_t, t=tt, prev=pp, schedule=schedule, threshold=thr,
+                          guidance=guidance_scale, eta=eta, clip=clip,
+                          prediction_type=prediction_type, alpha_one=set_alpha_to_one,
+                          clipped_eps=use_clipped_model_output, want_second=return_x0)
+    return (x_prev, x0) if return_x0 else x_prev
 
 
 def langevin_step(score: torch.Tensor, x: torch.Tensor, t: Timesteps, schedule, *,
@@ -400,25 +559,21 @@ def langevin_step(score: torch.Tensor, x: torch.Tensor, t: Timesteps, schedule, 
     _check_like(score, x, "score")
     _check_like(noise, x, "noise")
     _check_schedule(schedule, x)
-    if snr <= 0:
+    if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr}")
     tt = _timesteps(t, x, schedule, "t", validate)
     alpha = schedule.alphas[tt] if variance_preserving else torch.ones(x.shape[0], device=x.device)
-    kernel = _use_kernel("langevin_step", x, score, noise)
-    seed = _seed(x, generator) if kernel and noise is None else None
-    z = None
-    if not kernel:
-        z = noise.float() if noise is not None else _draw_noise(x, generator)
-    noise_norm = _noise_norm_mean(x, z if z is not None else noise, seed)
+    noise, seed_t = _noise_inputs(x, noise, generator, None, True, score)
+    if noise is not None:
+        noise_norm = noise.float().reshape(x.shape[0], -1).norm(dim=1).mean()
+    else:  # the norm of the Philox stream the step will draw (regenerated, not stored)
+        sumsq, _ = _step_op("noise_sumsq", x, seed=seed_t, t=tt, schedule=schedule,
+                            want_second=False)
+        noise_norm = sumsq.sqrt().mean()
     grad_norm = score.float().reshape(x.shape[0], -1).norm(dim=1).mean()
-    step = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-    if kernel:
-        from ..kernels import diffusion as K
-
-        return _launch(K.LANGEVIN, x, score, noise=noise, seed=seed, t=tt, schedule=schedule,
-                       step=step.float().contiguous())
-    x_mean = x.float() + _per_sample(step, x) * score.float()
-    return (x_mean + _per_sample((2 * step).sqrt(), x) * z).to(x.dtype), x_mean.to(x.dtype)
+    step = ((snr * noise_norm / grad_norm) ** 2 * 2 * alpha).float()
+    return _step_op("langevin", x, model=score, noise=noise, seed=seed_t, t=tt,
+                    schedule=schedule, step=step)
 
 
 def vp_predictor_step(score: torch.Tensor, x: torch.Tensor, t: Timesteps, schedule, *,
@@ -432,17 +587,9 @@ def vp_predictor_step(score: torch.Tensor, x: torch.Tensor, t: Timesteps, schedu
     _check_like(noise, x, "noise")
     _check_schedule(schedule, x)
     tt = _timesteps(t, x, schedule, "t", validate)
-    if _use_kernel("vp_predictor_step", x, score, noise):
-        from ..kernels import diffusion as K
-
-        seed = None if noise is not None else _seed(x, generator)
-        return _launch(K.VP_PREDICTOR, x, score, noise=noise, seed=seed, t=tt, schedule=schedule)
-    beta = _per_sample(schedule.betas[tt], x)
-    xf = x.float()
-    f = (1 - beta).sqrt() * xf - xf
-    x_mean = xf - (f - beta * score.float())
-    z = noise.float() if noise is not None else _draw_noise(x, generator)
-    return (x_mean + beta.sqrt() * z).to(x.dtype), x_mean.to(x.dtype)
+    noise, seed_t = _noise_inputs(x, noise, generator, None, True, score)
+    return _step_op("vp_predictor", x, model=score, noise=noise, seed=seed_t, t=tt,
+                    schedule=schedule)
 
 
 def pc_step(score_fn, x: torch.Tensor, t: Timesteps, schedule, *, snr: float = 0.16,
