@@ -49,10 +49,11 @@ _GRID_SAMPLE = {F.grid_sample}
 # ops that only move, pick or broadcast elements
 _MOVE_FUNCTIONS = {operator.getitem, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                    torch.unsqueeze, torch.flatten, torch.movedim, torch.swapaxes, torch.stack,
-                   torch.cat, torch.narrow, torch.select, torch.index_select, torch.broadcast_to}
+                   torch.cat, torch.narrow, torch.select, torch.index_select, torch.broadcast_to,
+                   torch.flip}
 _MOVE_METHODS = {"view", "reshape", "permute", "transpose", "squeeze", "unsqueeze", "flatten",
                  "unflatten", "expand", "repeat", "contiguous", "movedim", "swapaxes", "narrow",
-                 "select", "t", "view_as", "reshape_as", "expand_as"}
+                 "select", "t", "view_as", "reshape_as", "expand_as", "flip"}
 # ops that map every element alike (by constants): they commute with the moves above
 _MAP_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
                   torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.clamp}
@@ -166,9 +167,9 @@ class Read:
     axis_dim: int          # the dimension of root that holds the coordinates
     axes: tuple            # plane axes, grid x first
     points: torch.Tensor   # [Bg, *out spatial]: flat point index over root's other dims
-    field: fx.Node         # the parameter node (shared) or the per-sample tensor node
-    shared: bool
-    field_shape: tuple     # [C, *spatial] for shared fields
+    field: fx.Node         # the tensor grid_sample reads ([B, C, ...])
+    shared: bool           # the same for every b: the lookup reads field[0]
+    field_name: str
     channels: int
     align_corners: bool
     padding_mode: str
@@ -215,26 +216,25 @@ def _read(node, env, params) -> Read:
     points = torch.zeros_like(others[0]) if others else torch.zeros(tags.shape[:-1], dtype=torch.int64)
     for ix, size in zip(others, other_shape):
         points = points * size + ix
-    shared, field_node, field_shape = _field(field, env, params, nd)
-    return Read(node, root, maps, axis_dim, tuple(axes[0].tolist()), points, field_node, shared,
-                field_shape, env[field].shape[1], bool(a["align_corners"]), a["padding_mode"], g.shape[0])
+    shared, name = _field(field, env, params, nd)
+    return Read(node, root, maps, axis_dim, tuple(axes[0].tolist()), points, field, shared,
+                name, env[field].shape[1], bool(a["align_corners"]), a["padding_mode"], g.shape[0])
 
 
 def _field(field, env, params, nd):
-    """(shared, node, [C, *spatial]) for the field grid_sample reads."""
+    """(shared, name) of the field grid_sample reads: shared when it is one tensor
+    broadcast over the batch (a parameter unsqueezed / expanded / sliced, typically),
+    which the lookup reads as field[0]; else per-sample [B, C, ...]."""
+    value = env[field]
+    if value.dim() != 2 + nd:
+        raise NotAPipeline(f"the field is not [B, C, {'D, ' if nd == 3 else ''}H, W]")
     n = field
     while n not in params and _kind(n, env) == "move" and len(_tensor_inputs(n, env)) == 1:
         n = _tensor_inputs(n, env)[0]
-    value = env[field]
-    if n in params:
-        p = params[n][1]
-        tags = _evaluate(field, env, {n: _tags(p.shape)}, {})
-        one = _tags(value.shape[1:])
-        if p.numel() == one.numel() and bool((tags == one).all()):
-            return True, n, tuple(value.shape[1:])
-    if value.dim() != 2 + nd:
-        raise NotAPipeline(f"the field is not [B, C, {'D, ' if nd == 3 else ''}H, W]")
-    return False, field, None
+    tags = _evaluate(field, env, {n: _tags(env[n].shape)}, {})
+    shared = bool((tags == tags[:1]).all())
+    name = params[n][0] if n in params else f"{'shared' if shared else 'per-sample'} {field.name}"
+    return shared, name
 
 
 # ------------------------------------------------------------- values built from reads
@@ -270,8 +270,14 @@ def _scalar(x):
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def _step(node, values, env) -> Optional[Value]:
-    """The Value of node if it continues the pipeline from values of its inputs."""
+def _step(node, values, env, internal) -> Optional[Value]:
+    """The Value of node if it continues the pipeline from values of its inputs (nodes
+    of the pipeline that hold no Value, the stack before a reduction, go to internal)."""
+    if _is(node, {torch.sum, torch.mean, torch.prod}, {"sum", "mean", "prod"}):
+        v = _reduced(node, values, env)
+        if v is not None:
+            internal.add(node.args[0])
+        return v
     ins = [a for a in node.all_input_nodes if a in values]
     if not ins:
         return None
@@ -293,8 +299,6 @@ def _step(node, values, env) -> Optional[Value]:
         return None
     if _is(node, {torch.cat}, set()):
         return _concatenated(node, values, env)
-    if _is(node, {torch.sum, torch.mean, torch.prod}, {"sum", "mean", "prod"}):
-        return _reduced(node, values, env)
     if _kind(node, env) == "move" and len(ins) == 1 and len(_tensor_inputs(node, env)) == 1:
         v = values[ins[0]]
         return Value(_evaluate(node, env, {ins[0]: v.tag}, {}), v.struct, v.channels)
@@ -322,9 +326,9 @@ def _concatenated(node, values, env) -> Optional[Value]:
 
 def _reduced(node, values, env) -> Optional[Value]:
     """stack(planes, dim).sum / mean / prod(dim): a combine over the stacked planes."""
-    src = node.args[0]
+    src = node.args[0] if node.args else None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if not _is(src, {torch.stack}, set()) or len(src.users) != 1 or node.kwargs.get("keepdim"):
+    if not isinstance(src, fx.Node) or not _is(src, {torch.stack}, set()) or len(src.users) != 1 or node.kwargs.get("keepdim"):
         return None
     items, sdim = _list_arg(src)
     if dim is None or not isinstance(items, (list, tuple)) or not all(i in values for i in items):
@@ -375,34 +379,54 @@ def _scales(struct) -> list:
 
 
 def _layout(value: Value, node_shape, point_shape, batch):
-    """How the lookup's [points, channels] output becomes this value: (lead recipe,
-    channels_first) or None. Recipes are rebuilt from the runtime coordinate shape."""
+    """How the lookup's [points, channels] output becomes this value: (lead recipe, size-1
+    dims inserted, channels_first), or None. Recipes are rebuilt from the runtime
+    coordinate shape: "points" (the coordinate tensor's own point dims), "flat", "first"
+    (first dim, then the rest flattened) or "batch_points" (fields' batch, then points)."""
     total = math.prod(point_shape) * (batch or 1)
-    c = value.channels
-    recipes = {"points": tuple(point_shape), "flat": (total,),
-               "first": (point_shape[0], total // point_shape[0]) if point_shape else None}
     if batch:
         recipes = {"batch_points": (batch, *point_shape), "flat": (total,)}
-    for name, lead in recipes.items():
-        if lead is None:
+    else:
+        recipes = {"points": tuple(point_shape), "flat": (total,)}
+        if point_shape:
+            recipes["first"] = (point_shape[0], total // point_shape[0])
+    c = value.channels
+    for channels_first in (False, True):
+        shape = list(node_shape)
+        cdim = 1 if channels_first else len(shape) - 1
+        if len(shape) < 2 or shape[cdim] != c:
             continue
-        flat = _tags((*lead, c))
-        if tuple(node_shape) == (*lead, c) and torch.equal(value.tag, flat):
-            return name, False
-        moved = flat.movedim(-1, 1) if len(lead) > 1 else None
-        if moved is not None and tuple(node_shape) == tuple(moved.shape) and torch.equal(value.tag, moved):
-            return name, True
+        lead = shape[:cdim] + shape[cdim + 1:]
+        for name, candidate in recipes.items():
+            ones = _extra_ones(lead, candidate)
+            if ones is None:
+                continue
+            flat = _tags((*lead, c))
+            if torch.equal(value.tag, flat.movedim(-1, 1) if channels_first else flat):
+                return name, ones, channels_first
     return None
 
 
-def _lead(recipe, point_shape, batch):
-    if recipe == "points":
-        return tuple(point_shape)
-    if recipe == "flat":
-        return (-1,)
-    if recipe == "first":
-        return (point_shape[0], -1)
-    return (batch, *point_shape)
+def _extra_ones(lead, candidate):
+    """Positions of the size-1 dims of lead that candidate lacks, or None if lead is not
+    candidate with size-1 dims inserted."""
+    ones, i = [], 0
+    for j, size in enumerate(lead):
+        if i < len(candidate) and size == candidate[i]:
+            i += 1
+        elif size == 1:
+            ones.append(j)
+        else:
+            return None
+    return tuple(ones) if i == len(candidate) else None
+
+
+def _lead(recipe, ones, point_shape, batch):
+    lead = {"points": lambda: list(point_shape), "flat": lambda: [-1],
+            "first": lambda: [point_shape[0], -1], "batch_points": lambda: [batch, *point_shape]}[recipe]()
+    for j in ones:
+        lead.insert(j, 1)
+    return lead
 
 
 def grid_pipeline(root, *tensors, spec):
@@ -426,15 +450,15 @@ def grid_pipeline(root, *tensors, spec):
     ys = []
     with use_backend(spec["backend"]) if spec["backend"] != "auto" else _nothing():
         for call in spec["calls"]:
-            fields = [[tensors[i] if shape is None else tensors[i].reshape(shape) for i, shape in scale]
+            fields = [[tensors[i][0] if shared else tensors[i] for i, shared in scale]
                       for scale in call["fields"]]
             ys.append(grid_lookup(coords, fields, call["planes"], combine=call["combine"],
                                   align_corners=spec["align_corners"], padding_mode=spec["padding_mode"]))
     outs = []
-    for pieces, recipe, channels_first in spec["outputs"]:
+    for pieces, recipe, ones, channels_first in spec["outputs"]:
         parts = [ys[call][..., start:stop] for call, start, stop in pieces]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-        y = y.reshape(*_lead(recipe, point_shape, batch), y.shape[-1])
+        y = y.reshape(*_lead(recipe, ones, point_shape, batch), y.shape[-1])
         outs.append(y.movedim(-1, 1) if channels_first else y)
     return tuple(outs)
 
@@ -481,7 +505,7 @@ def _pipeline(key, reads, env, params, backend):
     first = reads[0]
     root_shape = tuple(env[first.root].shape)
     mode, point_shape, batch, canon = _mode(reads, root_shape, first.axis_dim)
-    values = {}
+    values, internal = {}, set()
     for r in reads:
         v = env[r.node]
         pts = canon[r].unsqueeze(1)  # [Bg, 1, *out]
@@ -489,10 +513,10 @@ def _pipeline(key, reads, env, params, backend):
         values[r.node] = Value(pts * r.channels + ch, ("factor", r), r.channels)
     for node in first.node.graph.nodes:  # graph order: inputs before users
         if node not in values:
-            v = _step(node, values, env)
+            v = _step(node, values, env, internal)
             if v is not None:
                 values[node] = v
-    outputs = [n for n, v in values.items() if any(u not in values for u in n.users)]
+    outputs = [n for n in values if any(u not in values and u not in internal for u in n.users)]
     for n in values:
         if n not in outputs and not n.users:
             outputs.append(n)
@@ -529,7 +553,7 @@ def _pipeline(key, reads, env, params, backend):
                 if r.field not in field_index:
                     field_index[r.field] = len(field_nodes)
                     field_nodes.append(r.field)
-                row.append((field_index[r.field], r.field_shape if r.shared else None))
+                row.append((field_index[r.field], r.shared))
             fields.append(row)
         call_specs.append({"fields": fields, "planes": [list(p) for p in planes],
                            "combine": "sum" if combine == "single" else combine})
@@ -543,7 +567,8 @@ def _pipeline(key, reads, env, params, backend):
     spec = {"maps": maps, "axis_dim": first.axis_dim, "mode": mode, "batch_field": batch_field,
             "calls": call_specs, "outputs": out_specs, "align_corners": first.align_corners,
             "padding_mode": first.padding_mode, "backend": backend}
-    return spec, field_nodes, outputs
+    names = {r.field: r.field_name for r in reads}
+    return spec, field_nodes, outputs, names
 
 
 def _check(spec, root, field_nodes, outputs, env):
@@ -572,7 +597,7 @@ def fuse_grids(gm: fx.GraphModule, env: dict, params: dict, report, backend: str
             groups.setdefault(r.key, []).append(r)
     for key, group in groups.items():
         try:
-            spec, field_nodes, outputs = _pipeline(key, group, env, params, backend)
+            spec, field_nodes, outputs, names = _pipeline(key, group, env, params, backend)
             _check(spec, group[0].root, field_nodes, outputs, env)
         except NotAPipeline as why:
             report.leave(", ".join(f"grid_sample {r.node.name}" for r in group), str(why))
@@ -591,9 +616,8 @@ def fuse_grids(gm: fx.GraphModule, env: dict, params: dict, report, backend: str
         for n, got in zip(outputs, getters):
             n.replace_all_uses_with(got)
         prune(gm.graph, outputs)
-        names = lambda f: params[f][0] if f in params else f"per-sample {f.name}"  # noqa: E731
         report.add_grid({"grid_samples": len(group), "calls": [
             {"planes": c["planes"], "combine": c["combine"],
-             "fields": [[names(field_nodes[i]) for i, _ in scale] for scale in c["fields"]]}
+             "fields": [[names[field_nodes[i]] for i, _ in scale] for scale in c["fields"]]}
             for c in spec["calls"]], "align_corners": spec["align_corners"],
             "padding_mode": spec["padding_mode"]})
