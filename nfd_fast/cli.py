@@ -9,6 +9,7 @@ a fit continues its checkpoint with --resume).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shlex
 import sys
@@ -175,16 +176,23 @@ def _render(args) -> int:
 def _run_demo(approach: int, out: Path, quick: bool, seed: int, device: str) -> str:
     """The approach's demo (nfd_fast.models.demo): writes the PNG, returns its metric line."""
     from . import models
+    from .models import latent_field
 
-    if hasattr(models, "demo"):
-        try:
-            return models.demo(approach, str(out), quick=quick, seed=seed, device=device)
-        except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith("nfd_fast.models"):
-                raise
-            raise ValueError(f"--approach {approach}: not available in this installation ({exc})") from exc
-    if approach != 1:
+    if approach == 1 and "quick" not in inspect.signature(latent_field.demo).parameters:
+        return _approach1_demo(out, quick, seed, device)
+    if not hasattr(models, "demo"):
         raise ValueError(f"--approach {approach}: only approach 1 is available in this installation")
+    try:
+        return models.demo(approach, str(out), quick=quick, seed=seed, device=device)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("nfd_fast.models"):
+            raise
+        raise ValueError(f"--approach {approach}: not available in this installation ({exc})") from exc
+
+
+def _approach1_demo(out: Path, quick: bool, seed: int, device: str) -> str:
+    """Approach 1 through its module's demo(out, signals=, epochs=), which predates the
+    shared (quick, seed, device) form."""
     from .models.latent_field import demo
 
     result = demo(str(out), signals=120 if quick else 1000, epochs=2 if quick else 15,
