@@ -25,8 +25,9 @@ CHECKPOINT_FORMAT = "nfd_fast.field/1"
 GREY_MODES = {"1": "L", "L": "L", "LA": "L"}  # 8-bit grey; other 8-bit modes become RGB
 
 
-def resolve_device(name: Optional[str] = None) -> torch.device:
-    """torch.device(name), checked to exist here; default cuda when available, else cpu."""
+def resolve_device(name=None) -> torch.device:
+    """torch.device(name) (a name or a device), checked to exist on this machine; default
+    cuda when available, else cpu."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -147,7 +148,7 @@ class ImageFit:
         check_fit_arguments(hidden=hidden, layers=layers, lr=lr, batch_points=batch_points)
         from .render import GridSpec
 
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.device = resolve_device(device)
         H, W, C = image.shape
         self.points, self.batch_points, self.seed, self.lr = H * W, batch_points, seed, lr
         self.coords = GridSpec((H, W)).coordinates(0, H * W, self.device)
