@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import nfd_fast
+from nfd_fast.models.blocks import random_blobs
 from nfd_fast.models.ddmi import (D2CVAE, DDMI, DDMIConfig, DiagonalGaussian, ImageReadout,
-                                  LatentDiffusion, LatentUNet, ShapeReadout, VAEConfig,
-                                  VideoReadout, ddim_timesteps, image_to_points, kl_coefficient,
+                                  LatentDiffusion, LatentUNet, ShapeReadout, VideoReadout,
+                                  blob_images, crop_coordinates, ddim_timesteps, kl_coefficient,
                                   pixel_centers, reference_schedule)
 from nfd_fast.nn.cfc import CFCBlock, CFCDecoder, CFCProgram
 
@@ -473,13 +474,7 @@ def test_diagonal_gaussian_and_kl_weight():
 
 
 def synthetic_images(n, size, generator):
-    """Soft coloured discs on a coloured background, in [-1, 1]."""
-    c = pixel_centers(size).view(size, size, 2)
-    centre = torch.rand(n, 1, 1, 2, generator=generator) - 0.5
-    radius = 0.3 + 0.3 * torch.rand(n, 1, 1, generator=generator)
-    inside = torch.sigmoid((radius - (c - centre).norm(dim=-1)) * 12).unsqueeze(1)
-    fg, bg = (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1 for _ in range(2))
-    return inside * fg + (1 - inside) * bg
+    return blob_images(random_blobs(n, channels=3, generator=generator), size)
 
 
 def test_vae_shapes_and_fields_at_three_scales():
@@ -524,6 +519,28 @@ def test_training_losses_fall_and_generation_at_two_resolutions(tmp_path):
     m.save(tmp_path / "ddmi.pt")
     again = DDMI.load(tmp_path / "ddmi.pt")
     torch.testing.assert_close(again.reconstruct(images[:2], 12), m.reconstruct(images[:2], 12))
+
+
+def test_vae_loss_on_a_crop_of_a_finer_rendering():
+    """The reference's targets beyond si = 1: a crop of a finer image's pixel centres."""
+    coords = crop_coordinates(12, 8, 3, 1)
+    assert coords.shape == (64, 2)
+    torch.testing.assert_close(coords[0], torch.tensor([-11 / 12 + 2 / 12, -11 / 12 + 6 / 12]))
+    torch.testing.assert_close(coords[9], torch.tensor([-11 / 12 + 4 / 12, -11 / 12 + 8 / 12]))
+    with pytest.raises(ValueError, match="top, left: a 8\\^2 crop must lie inside 12\\^2"):
+        crop_coordinates(12, 8, 5, 0)
+    m = DDMI(DDMIConfig.tiny(8))
+    images = synthetic_images(2, 8, torch.Generator().manual_seed(12))
+    values = torch.rand(2, 64, 3) * 2 - 1
+    target = (coords.expand(2, -1, -1), values, 8 / 12)
+    loss, parts = m.vae_loss(images, 5, 10, generator=torch.Generator().manual_seed(13), noise=False, target=target)
+    post = m.vae.encode(images)
+    pred = m.readout(m.vae.decode(post.sample(torch.Generator().manual_seed(13))), coords.expand(2, -1, -1),
+                     8 / 12, noise=False)
+    expected = (pred - values).abs().sum((1, 2)).mean() + kl_coefficient(5, 10, 1e-4, 0.01) * post.kl().mean()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="target: values"):
+        m.vae_loss(images, target=(coords.expand(2, -1, -1), values[:, :5], 1.0))
 
 
 def test_backends_agree_on_the_first_training_step():
