@@ -20,6 +20,7 @@ setup(
         "nfd_fast.benchmarks",
     ],
     package_dir={"nfd_fast.kernels": "kernels", "nfd_fast.benchmarks": "benchmarks"},
+    package_data={"nfd_fast": ["py.typed"]},
     # torch is not pinned: a GPU user keeps the CUDA build they already have.
     # tqdm: progress bars; pillow: PNG previews and images for `nfd-fast fit`
     install_requires=["torch>=2.1", "numpy", "tqdm", "pillow"],

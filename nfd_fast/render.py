@@ -46,6 +46,8 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .ops.fused_mlp import fused_mlp_grid_evaluator
+
 try:  # POSIX advisory locks; elsewhere renders are not locked
     import fcntl
 except ImportError:  # pragma: no cover
@@ -554,11 +556,21 @@ class _Preview:
         Image.fromarray(img[..., 0] if mode == "L" else img, mode=mode).save(path)
 
 
+def grid_evaluator(field: Callable, grid: GridSpec, device) -> Optional[Callable]:
+    """chunk (start, count) -> values, with the coordinates made inside the fused kernel,
+    when `field` is a fused MLP module (it has fused_mlp_arguments()) and the Triton
+    backend serves it on `device`; else None."""
+    if not hasattr(field, "fused_mlp_arguments") or len(grid.shape) != field.in_features:
+        return None
+    axes = grid.component_axes()
+    affine = [(grid.offset[a], grid.step[a]) for a in axes]
+    return fused_mlp_grid_evaluator(field.fused_mlp_arguments(), grid.shape, affine, axes,
+                                    device)
+
+
 def _evaluator(field: Callable, grid: GridSpec, device, dtype) -> Callable:
     """chunk (start, count) -> values [count, C]: the fused in-kernel-coordinate path for
     fused MLP modules when their kernels run, else the field on generated coordinates."""
-    from .ops.fused_mlp import grid_evaluator
-
     fused = grid_evaluator(field, grid, device)
     if fused is not None:
         return fused

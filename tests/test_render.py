@@ -144,7 +144,7 @@ def test_two_gloo_ranks_write_the_same_file(tmp_path):
 
 @pytest.mark.parametrize("module", ["siren", "fused_mlp"])
 def test_fused_in_kernel_coordinates_match(module):
-    from nfd_fast.ops.fused_mlp import grid_evaluator
+    from nfd_fast.render import grid_evaluator
 
     torch.manual_seed(0)
     if module == "siren":

@@ -68,7 +68,9 @@ class Sampler:
         return self._denoiser()
 
     # --------------------------------------------------------------------- the loop
-    def _step(self, x: torch.Tensor, i: int, seeds: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, i: int, seeds: torch.Tensor) -> torch.Tensor:
+        """Step i of the loop (denoiser call(s) + one fused step) on x; seeds [steps]
+        int64 holds every step's noise seed. Compiles with torch.compile(fullgraph=True)."""
         B = x.shape[0]
         t = self.timesteps[i].expand(B)  # device views: no host sync
         prev = self.prev_timesteps[i].expand(B)
@@ -79,11 +81,10 @@ class Sampler:
         common = dict(prediction_type=self.prediction_type, clip_sample=self.clip_sample,
                       uncond_output=uncond_out, guidance_scale=self.guidance_scale,
                       seed=seeds[i], validate=False)
+        # return_x0=False: the loop keeps only x_prev, so the step writes nothing else
         if self.method == "ddim":
-            x, _ = ddim_step(out, t, prev, x, self.schedule, eta=self.eta, **common)
-        else:
-            x, _ = ddpm_step(out, t, x, self.schedule, prev_t=prev, **common)
-        return x
+            return ddim_step(out, t, prev, x, self.schedule, eta=self.eta, return_x0=False, **common)
+        return ddpm_step(out, t, x, self.schedule, prev_t=prev, return_x0=False, **common)
 
     def _loop(self, x: torch.Tensor, seeds: torch.Tensor, progress: bool = False) -> torch.Tensor:
         steps = range(self.steps)
@@ -92,7 +93,7 @@ class Sampler:
 
             steps = tqdm(steps, desc=f"{self.method} sampling", unit="step")
         for i in steps:
-            x = self._step(x, i, seeds)
+            x = self.step(x, i, seeds)
         return x
 
     # ------------------------------------------------------------------- the graph

@@ -42,5 +42,6 @@ def empty_f32(like: torch.Tensor) -> torch.Tensor:
 
 
 def zeros_where_absent(grads: Sequence[Optional[torch.Tensor]], like: torch.Tensor) -> list:
-    """An op's list of gradient outputs: each gradient (made contiguous), or a placeholder."""
-    return [g.contiguous() if g is not None else empty_f32(like) for g in grads]
+    """An op's list of gradient outputs: each gradient in its own layout (a channels-last
+    field's gradient stays channels-last), or a placeholder."""
+    return [g if g is not None else empty_f32(like) for g in grads]
