@@ -346,18 +346,24 @@ class ImageReadout(nn.Module):
 
     def forward(self, fields, coords, scale: ScaleValue, noise: NoiseArg = True,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """generator: draws the noise (then both backends read the same draws)."""
+        if noise is True and generator is not None:
+            noise = self._draw_noise(coords, generator)
         if _use_plain(coords, *[f for f in fields if isinstance(f, torch.Tensor)]):
             return self.reference_forward(fields, coords, scale, noise)
         return self.cfc_forward(fields, coords, scale, noise, generator)
+
+    def _draw_noise(self, coords, generator) -> List[torch.Tensor]:
+        B, N, _ = coords.shape
+        return [torch.randn(B, N, generator=generator, device=coords.device, dtype=coords.dtype)
+                for _ in range(3 * len(self.blocks()))]
 
     def cfc_forward(self, fields, coords, scale: ScaleValue, noise: NoiseArg = True,
                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The readout through CFCDecoder (grid_lookup + fused_mlp / batched matmuls)."""
         fields, si, noise = self._prepare(fields, coords, scale, noise)
-        B, N, _ = coords.shape
         if noise is True:
-            noise = [torch.randn(B, N, generator=generator, device=coords.device, dtype=coords.dtype)
-                     for _ in range(3 * len(self.blocks()))]
+            noise = self._draw_noise(coords, generator)
         per_block = None if noise is False else [noise[3 * k: 3 * k + 3] for k in range(len(self.blocks()))]
         return self.decoder(coords, fields, self.program(si), noise=per_block)
 
@@ -372,7 +378,7 @@ class ImageReadout(nn.Module):
         h = None
         for k, res in enumerate(self.blocks()):
             parts = ([] if h is None else [h]) + ([maps[k], const] if k < self.scales else [])
-            x = torch.cat(parts, dim=1) if parts else h
+            x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if isinstance(noise, bool):
                 layer_noise = (None,) * 3 if noise else (False,) * 3
             else:
@@ -386,13 +392,12 @@ class _FCReadout(nn.Module):
     net_res3 on cat[h, features], net_res4, then net_out."""
 
     planes: Sequence[Sequence[int]] = ()
-    dims = 3
 
     def __init__(self, feature_channels: int, hidden: int, out_features: int,
-                 first_hidden: Optional[int], out_slope: Optional[float], scales: int = 3):
+                 out_slope: Optional[float], scales: int = 3):
         super().__init__()
         self.scales, self.out_slope = scales, out_slope
-        self.net_res1 = ResnetBlockFC(feature_channels, hidden, first_hidden)
+        self.net_res1 = ResnetBlockFC(feature_channels, hidden)
         for k in range(1, scales):
             self.add_module(f"net_res{k + 1}", ResnetBlockFC(hidden + feature_channels, hidden))
         self.add_module(f"net_res{scales + 1}", ResnetBlockFC(hidden))
@@ -427,7 +432,7 @@ class ShapeReadout(_FCReadout):
     planes = [(0, 1), (1, 2), (0, 2)]
 
     def __init__(self, field_channels: int = 64, hidden: int = 256, padding: float = 0.1, scales: int = 3):
-        super().__init__(field_channels, hidden, 1, min(field_channels, hidden), None, scales)
+        super().__init__(field_channels, hidden, 1, None, scales)
         self.field_channels, self.padding = field_channels, padding
         self.net_p = nn.Linear(3, hidden)
         self.decoder = CFCDecoder(self.planes, combine="sum", align_corners=True, block="resnet_fc")
@@ -467,7 +472,7 @@ class VideoReadout(_FCReadout):
     planes = [(0, 1), (2, 1), (2, 0)]
 
     def __init__(self, field_channels: int = 64, hidden: int = 256, out_channels: int = 3, scales: int = 3):
-        super().__init__(3 * field_channels, hidden, out_channels, None, 0.2, scales)
+        super().__init__(3 * field_channels, hidden, out_channels, 0.2, scales)
         self.field_channels = field_channels
         self.decoder = CFCDecoder(self.planes, combine="concat", align_corners=True,
                                   block="resnet_fc", out_activation=0.2)

@@ -25,9 +25,10 @@ are folded into the biases (b + W_e e, once per sample), so no constant column i
 concatenated per point. A block whose widths fit fused_mlp (in and out <= 64) and that
 draws no noise runs as one fused_mlp call with per-sample weights; other blocks run layer
 by layer as batched matmuls (fused_mlp's input and output widths stop at 64, DDMI's
-trunk is 256 wide). ``evaluate_blocks`` is the point where a single fused CFC op (lookups
-inside the MLP kernel, concatenations as split weights W_h h + W_f f_k) replaces the
-composition: it receives exactly the tensors such an op takes.
+trunk is 256 wide). A single fused CFC op (lookups inside the MLP kernel, concatenations
+as split weights W_h h + W_f f_k, noise drawn in-kernel) replaces forward after its
+checks: it takes exactly forward's arguments (coords, fields, the CFCProgram's tensors,
+points, noise) and the decoder's options.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from torch import nn
 from ..ops import fused_mlp, grid_lookup
 
 BLOCK_KINDS = ("styled", "resnet_fc")
-FUSED_MLP_MAX_IN = FUSED_MLP_MAX_OUT = 64  # fused_mlp's documented input / output widths
+# fused_mlp's documented widths: in 1..64, hidden up to 512, out 1..64
+FUSED_MLP_MAX_IN, FUSED_MLP_MAX_HIDDEN, FUSED_MLP_MAX_OUT = 64, 512, 64
 
 
 @dataclasses.dataclass
@@ -190,7 +192,7 @@ class CFCDecoder(nn.Module):
 
     def _chain(self, x, weights, biases, noise_weights, noise) -> torch.Tensor:
         fits = (x.shape[-1] <= FUSED_MLP_MAX_IN and len(weights) >= 2
-                and max(w.shape[-2] for w in weights[:-1]) <= 512
+                and max(w.shape[-2] for w in weights[:-1]) <= FUSED_MLP_MAX_HIDDEN
                 and weights[-1].shape[-2] <= FUSED_MLP_MAX_OUT)
         if self.block == "styled":
             if fits and noise is None:
