@@ -51,8 +51,17 @@ class DynamoForward:
         return self._rewrite(gm, example_inputs)
 
     def __call__(self, *args, **kwargs):
-        with torch._dynamo.config.patch(specialize_float=True):
+        # suppress_errors: should dynamo itself fail on some code, that code runs eagerly
+        # (as written) instead of the model raising
+        with torch._dynamo.config.patch(specialize_float=True, suppress_errors=True):
             return self._compiled(*args, **kwargs)
+
+
+def dynamo_unavailable():
+    """Why dynamo cannot capture here (this Python or platform), or None."""
+    from torch._dynamo.eval_frame import is_dynamo_supported
+
+    return None if is_dynamo_supported() else "torch._dynamo does not support this Python or platform"
 
 
 def example_values(gm: fx.GraphModule, example_inputs) -> dict:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backend as _backend_module
-from ._capture import DynamoForward, copy_graph_module, example_values
+from ._capture import DynamoForward, copy_graph_module, dynamo_unavailable, example_values
 from .accelerate_grids import fuse_grids
 from .accelerate_mlp import fuse_runs
 
@@ -140,6 +140,9 @@ class _FxForward:
         self.report.replaced.clear()
         self.report.left_alone.clear()
         fuse_runs(gm, params, self.report, self.backend)
+        if _calls_grid_sample(graph):
+            self.report.leave("grid_sample calls", "pipelines are matched by the dynamo capture only "
+                              "(capture='dynamo', with example_inputs)")
         gm.recompile()
         self.gm = gm
         self.report.captures += 1
@@ -218,6 +221,31 @@ def _as_call(example_inputs, example_kwargs):
     return args, dict(example_kwargs or {})
 
 
+def _calls_grid_sample(graph: fx.Graph) -> bool:
+    return any(n.op == "call_function" and n.target is F.grid_sample for n in graph.nodes)
+
+
+def _choose_capture(model: nn.Module, capture: str):
+    """(mode, fx graph or None, why): "fx" with its graph, "dynamo" with the reason fx was
+    not used, or None with the reason nothing can capture the forward."""
+    unavailable = dynamo_unavailable()
+    if capture == "dynamo":
+        return (None, None, unavailable) if unavailable else ("dynamo", None, "as asked (capture='dynamo')")
+    why, graph = (_fx_blocker(model) if capture == "auto" else None), None
+    if why is None:
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as exc:  # einops, data-dependent control flow and the like
+            why = f"torch.fx could not trace the forward ({type(exc).__name__}: {exc})"
+    if graph is not None and capture == "auto" and _calls_grid_sample(graph):
+        why = "it calls grid_sample, whose pipelines are matched on the shapes of a real call"
+    if why is None or capture == "fx" or unavailable:
+        if graph is not None:
+            return "fx", graph, None
+        return None, None, why + (f"; {unavailable}" if unavailable and capture != "fx" else "")
+    return "dynamo", None, why
+
+
 def accelerate(model: nn.Module, example_inputs=None, *, example_kwargs=None, capture: str = "auto",
                backend: str = "auto", inplace: bool = True):
     """Fuse the MLP runs and grid_sample pipelines of `model` (see the module docstring).
@@ -237,37 +265,21 @@ def accelerate(model: nn.Module, example_inputs=None, *, example_kwargs=None, ca
     if not inplace:
         model = copy.deepcopy(model)
     deaccelerate(model)
-    report = AccelerationReport()
-    runner = None
-    if capture != "dynamo":
-        why = _fx_blocker(model) if capture == "auto" else None
-        graph = None
-        if why is None:
-            try:
-                graph = _Tracer().trace(model)
-            except Exception as exc:  # einops, data-dependent control flow and the like
-                why = f"torch.fx could not trace the forward ({type(exc).__name__}: {exc})"
-        if graph is not None and capture == "auto" and any(
-                n.op == "call_function" and n.target is F.grid_sample for n in graph.nodes):
-            why = "it calls grid_sample, whose pipelines are matched on the shapes of a real call"
-        if why is None:
-            report.mode = "fx"
-            runner = _FxForward(model, graph, report, backend.lower())
-        elif capture == "fx":
-            report.mode = "fx"
-            report.leave("model", f"could not be traced by torch.fx: {why}")
-            model.acceleration_report = report
-            return model
-        else:
-            report.notes.append(f"captured with torch._dynamo: {why}")
-    if runner is None:
-        report.mode = "dynamo"
+    mode, graph, why = _choose_capture(model, capture)
+    report = AccelerationReport(mode=mode or capture)
+    model.acceleration_report = report
+    if mode is None:
+        report.leave("model", f"could not be captured: {why}")
+        return model
+    if mode == "fx":
+        runner = _FxForward(model, graph, report, backend.lower())
+    else:
+        report.notes.append(f"captured with torch._dynamo: {why}")
         runner = DynamoForward(model, _dynamo_rewriter(model, report, backend.lower()))
     original = model.__dict__.get("forward")
     object.__setattr__(model, _ATTR, (original, runner))  # not a submodule: state_dict unchanged
     model.forward = types.MethodType(lambda self, *a, **k: getattr(self, _ATTR)[1](*a, **k), model)
-    model.acceleration_report = report
-    if report.mode == "dynamo":
+    if mode == "dynamo":
         if args or kwargs:
             model(*args, **kwargs)
         else:

@@ -102,7 +102,9 @@ def _evaluate(node, env, subst, memo):
         return subst[node]
     if node in memo:
         return memo[node]
-    if not any(_depends(node, s, memo) for s in subst):
+    if "reach" not in memo:
+        memo["reach"] = _downstream(subst)
+    if node not in memo["reach"]:
         return env[node]
     kind = _kind(node, env)
     if kind == "map":
@@ -119,11 +121,15 @@ def _evaluate(node, env, subst, memo):
     return value
 
 
-def _depends(node, source, memo) -> bool:
-    key = ("dep", node, source)
-    if key not in memo:
-        memo[key] = node is source or any(_depends(a, source, memo) for a in node.all_input_nodes)
-    return memo[key]
+def _downstream(sources) -> set:
+    """Every node computed from any of sources."""
+    seen, stack = set(), list(sources)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
 
 
 def _describe(node) -> str:
@@ -517,9 +523,6 @@ def _pipeline(key, reads, env, params, backend):
             if v is not None:
                 values[node] = v
     outputs = [n for n in values if any(u not in values and u not in internal for u in n.users)]
-    for n in values:
-        if n not in outputs and not n.users:
-            outputs.append(n)
     calls, placed, field_nodes, field_index = {}, {}, [], {}
     out_specs = []
     for n in outputs:

@@ -164,54 +164,62 @@ def _grid_samples(model, *args):
 
 
 def _check_grid_model(model, args, coords_index, planes, combine, scales, backend="torch"):
+    """Accelerate, then compare with the original: the pipeline found, no grid_sample left,
+    outputs and gradients (parameters, coordinates) equal. Returns (model, reference,
+    report, model's args, reference's args); the coordinates require grad from the
+    example on, so that every later call reuses the one capture."""
     torch.manual_seed(10)
     model = model.to(DEVICE)
     reference = copy.deepcopy(model)
-    accelerate(model, args, backend=backend)
+    params = [id(p) for p in model.parameters()]
+    ours, theirs = list(args), list(args)
+    ours[coords_index] = args[coords_index].clone().requires_grad_()
+    theirs[coords_index] = args[coords_index].clone().requires_grad_()
+    accelerate(model, tuple(ours), backend=backend)
     report = model.acceleration_report
     (pipeline,) = report.grids
     (call,) = pipeline["calls"]
     assert (call["planes"], call["combine"], len(call["fields"])) == (planes, combine, scales), str(report)
-    assert _grid_samples(reference, *args) == pipeline["grid_samples"] > 0
-    assert _grid_samples(model, *args) == 0
-    pair = [args[coords_index].clone().requires_grad_() for _ in range(2)]
-
-    def call_with(m):
-        a = list(args)
-        a[coords_index] = pair[m is reference]
-        return m(*a)
-
-    assert_same_model(model, reference, call_with, [tuple(pair)])
-    return model, reference, report
+    assert [id(p) for p in model.parameters()] == params
+    assert _grid_samples(reference, *theirs) == pipeline["grid_samples"] > 0
+    assert _grid_samples(model, *ours) == 0
+    assert_same_model(model, reference, lambda m: m(*(theirs if m is reference else ours)),
+                      [(ours[coords_index], theirs[coords_index])])
+    assert report.captures == 1
+    return model, reference, report, ours, theirs
 
 
 def test_kplanes_field():
     pts, times = torch.rand(3, 5, 3) * 2.4 - 1.2, torch.rand(3) * 2 - 1
-    model, reference, report = _check_grid_model(
+    model, reference, report, ours, theirs = _check_grid_model(
         KPlanesField(), (pts, times), 0, [list(c) for c in itertools.combinations(range(4), 2)], "product", 2)
     assert report.grids[0]["calls"][0]["fields"][1] == [f"grids.1.{i}" for i in range(6)]
     assert [r["layers"] for r in report.replaced] == [["sigma_net.0", "sigma_net.2", "sigma_net.4"]]
     target = torch.rand(3, 5, 4)
-    assert_same_training(model, reference, lambda m: ((m(pts, times) - target) ** 2).mean())
+    assert_same_training(model, reference,
+                         lambda m: ((m(*(theirs if m is reference else ours)) - target) ** 2).mean())
     more = torch.rand(4, 7, 3) * 2 - 1, torch.rand(4) * 2 - 1  # other sizes: captured again
     assert rel_err(model(*more), reference(*more)) < 1e-4
 
 
 def test_triplane_occupancy():
     p = torch.rand(2, 13, 3) - 0.5
-    model, reference, report = _check_grid_model(TriplaneOccupancy(), (p,), 0, [[0, 1], [0, 2], [1, 2]], "sum", 1)
+    model, reference, report, ours, theirs = _check_grid_model(
+        TriplaneOccupancy(), (p,), 0, [[0, 1], [0, 2], [1, 2]], "sum", 1)
     assert sorted(report.grids[0]["calls"][0]["fields"][0]) == ["planes.xy", "planes.xz", "planes.yz"]
     occupied = (torch.rand(2, 13) > 0.5).float()
-    assert_same_training(model, reference,
-                         lambda m: F.binary_cross_entropy_with_logits(m(p), occupied))
+    assert_same_training(model, reference, lambda m: F.binary_cross_entropy_with_logits(
+        m(*(theirs if m is reference else ours)), occupied))
 
 
 def test_ddmi_image_decoder_three_scales():
     z, coords = torch.randn(2, 3, 2, 2), ddmi_coords(2, 5, 6)
-    model, reference, report = _check_grid_model(DDMIImageDecoder(), (z, coords), 0, [[0, 1]], "sum", 3)
+    model, reference, report, ours, theirs = _check_grid_model(
+        DDMIImageDecoder(), (z, coords), 0, [[0, 1]], "sum", 3)  # the latent's gradient too
     assert all(s[0].startswith("per-sample") for s in report.grids[0]["calls"][0]["fields"])
     target = torch.rand(2, 3, 5, 6)
-    assert_same_training(model, reference, lambda m: ((m(z, coords) - target) ** 2).mean())
+    assert_same_training(model, reference,
+                         lambda m: ((m(*(theirs if m is reference else ours)) - target) ** 2).mean())
 
 
 # --- the other combines and options, in small models -------------------------------------
@@ -305,6 +313,15 @@ def test_unsupported_reads_are_left_alone_with_the_reason():
     assert any("mode 'nearest'" in r for r in reasons) and any("'reflection'" in r for r in reasons)
     assert model.acceleration_report.grids == []
     assert rel_err(model(x), deaccelerate_copy(model)(x)) == 0
+
+
+def test_fx_capture_says_where_grid_pipelines_are_matched():
+    model = accelerate(TriplaneOccupancy(), capture="fx", backend="torch")
+    report = model.acceleration_report
+    assert report.mode == "fx" and report.grids == []
+    assert any(name == "grid_sample calls" and "capture='dynamo'" in why for name, why in report.left_alone)
+    p = torch.rand(2, 5, 3) - 0.5
+    assert rel_err(model(p), deaccelerate_copy(model)(p)) < 1e-5
 
 
 def deaccelerate_copy(model):
