@@ -13,6 +13,7 @@ from nfd_fast.models.ddmi import (D2CVAE, DDMI, DDMIConfig, DiagonalGaussian, Im
                                   LatentDiffusion, LatentUNet, ShapeReadout, VideoReadout,
                                   blob_images, crop_coordinates, ddim_timesteps, kl_coefficient,
                                   pixel_centers, reference_schedule)
+from nfd_fast.nn import cfc
 from nfd_fast.nn.cfc import CFCBlock, CFCDecoder, CFCProgram
 
 from conftest import rel_err
@@ -348,8 +349,22 @@ def test_readout_state_dicts_of_the_fc_readouts():
 # ------------------------------------------------------------- CFCDecoder on both backends
 
 
+@pytest.fixture
+def fused_mlp_calls(monkeypatch):
+    """Counts the decoder's fused_mlp calls."""
+    calls = []
+    original = cfc.fused_mlp
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cfc, "fused_mlp", spy)
+    return calls
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cfc_decoder_equals_the_plain_readouts(backend):
+def test_cfc_decoder_equals_the_plain_readouts(backend, fused_mlp_calls):
     """Tiny widths: every block fits fused_mlp, so backend "triton" runs its kernel and the
     grid_lookup kernel (interpreter on CPU)."""
     torch.manual_seed(5)
@@ -370,6 +385,7 @@ def test_cfc_decoder_equals_the_plain_readouts(backend):
     with nfd_fast.use_backend(backend):
         out = s(sf, points) if backend == "triton" else s.cfc_forward(sf, points)
     assert_matches(out, ref, {"xy": sf[0][0], "points": points, "fc": s.net_res2.fc_1.weight}, 2e-5)
+    assert len(fused_mlp_calls) == 8  # each block of both readouts: one fused_mlp call
 
 
 def test_cfc_decoder_float16_on_the_kernels():
@@ -381,7 +397,7 @@ def test_cfc_decoder_float16_on_the_kernels():
     assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2
 
 
-def test_cfc_decoder_wide_blocks_use_the_layer_path():
+def test_cfc_decoder_wide_blocks_use_the_layer_path(fused_mlp_calls):
     """Widths beyond fused_mlp's (DDMI's 256-wide trunk) still give the same numbers."""
     torch.manual_seed(6)
     dec = CFCDecoder([(0, 1)], block="styled")
@@ -398,7 +414,7 @@ def test_cfc_decoder_wide_blocks_use_the_layer_path():
     y = math.sqrt(2) * F.leaky_relu(x @ w[0].transpose(1, 2), 0.2)
     y = math.sqrt(2) * F.leaky_relu(y @ w[1].T + blk.biases[1][:, None], 0.2)
     h = (y + x @ blk.skip.T) / math.sqrt(2)
-    assert rel_err(out, h @ w_out.T) < 1e-12
+    assert rel_err(out, h @ w_out.T) < 1e-12 and not fused_mlp_calls
 
 
 # ---------------------------------------------------------------------- latent diffusion
