@@ -8,7 +8,7 @@ import pytest
 from nfd_fast import kernel_report
 from nfd_fast.cli import main
 
-# y = x * a + b over BLOCK = 512 elements, 4 warps: 4 contiguous floats per thread
+# BLOCK = 512 elements, 4 warps: 4 contiguous floats per thread
 TINY = textwrap.dedent('''
     import triton
     import triton.language as tl
@@ -20,6 +20,15 @@ TINY = textwrap.dedent('''
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask)
         tl.store(y_ptr + offs, x * a + b, mask=mask)
+
+
+    @triton.jit
+    def rowsum_kernel(x_ptr, y_ptr, n, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for r in range(0, ROWS):
+            acc += tl.load(x_ptr + r * n + offs)
+        tl.store(y_ptr + offs, acc)
 ''')
 
 
@@ -30,16 +39,25 @@ def _launch(x_aligned: bool, n: int = 4096) -> dict:
             "kwargs": {"BLOCK": 512, "num_warps": 4}, "grid": [n // 512, 1, 1]}
 
 
+def _rowsum_launch() -> dict:
+    launch = _launch(True)
+    launch.update(kernel="rowsum_kernel", args=launch["args"][:3],
+                  kwargs={"ROWS": 1024, "BLOCK": 512, "num_warps": 4})
+    return launch
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny kernel importable by the compiling process, and a private cache."""
+    """The tiny kernels importable by the compiling process, a private cache, and the
+    reports of three launches compiled in one process: (stats, reports)."""
     root = tmp_path_factory.mktemp("tiny")
     (root / "tiny_kernels.py").write_text(TINY)
     mp = pytest.MonkeyPatch()
     mp.setenv("PYTHONPATH", str(root))
     mp.setenv("NFD_FAST_CACHE", str(root / "cache"))
     mp.setenv("TRITON_INTERPRET", "1")  # as in CI: compiles go to a process without it
-    yield root
+    stats = {}
+    yield stats, kernel_report.analyse_launches([_launch(True), _launch(False), _rowsum_launch()], stats)
     mp.undo()
 
 
@@ -48,7 +66,7 @@ def test_counts_match_the_hand_read_sass(tiny):
     instructions: @!P0 LDG.E.128, 4 x FFMA (x * a + b on 4 floats), STG.E.128, and no
     loop. With x one element off the 16-byte grid, as a view would be, the binder leaves
     the pointer without tt.divisibility and the load splits into 4 scalar LDG.E."""
-    aligned, unaligned = kernel_report.analyse_launches([_launch(True), _launch(False)])
+    aligned, unaligned, _ = tiny[1]
     assert aligned["static"] == {"total": 26, "LDG.128": 1, "FFMA": 4, "STG.128": 1}
     assert unaligned["static"]["LDG.32"] == 4 and "LDG.128" not in unaligned["static"]
     assert unaligned["static"]["STG.128"] == 1  # y stays aligned
@@ -58,20 +76,34 @@ def test_counts_match_the_hand_read_sass(tiny):
         assert k["dynamic_per_warp"]["total"] == k["static"]["total"]  # straight-line code
 
 
+def test_loop_trips_match_the_hand_read_sass(tiny):
+    """ROWS = 1024: the TTGIR loop runs 1024 times; the PTX loop holds 1 ld.global.v4.
+    ptxas peels row 0 (one LDG.E.128 before the loop) and unrolls the rest 33 times: the
+    SASS loop holds 33 LDG.E.128 and counts a uniform register down from 0x3ff by 0x21,
+    31 iterations. So 1 + 31 x 33 = 1024 loads per thread, as in the source."""
+    k = tiny[1][2]
+    assert k["hot_loop"]["trips_per_cta"] == 31
+    assert k["hot_loop"]["per_iteration"]["LDG.128"] == 33
+    assert k["static"]["LDG.128"] == 34 and k["static"]["STG.128"] == 1
+    assert k["dynamic_per_warp"]["LDG.128"] == 1024
+    assert k["trip_counts_known"]
+
+
 def test_reports_are_cached_by_specialisation(tiny):
-    """n = 4100 is not a multiple of 16: a new specialisation, compiled once; n = 8192
-    specialises as 4096 did (divisible by 16) and is served from the cache."""
+    """n = 8192 specialises as n = 4096 did (both divisible by 16): served from the cache;
+    n = 4100 is a new specialisation and compiles."""
+    first_stats, (aligned, _, _) = tiny
+    assert first_stats == {"compiles": 3}
     stats = {}
-    first = kernel_report.analyse_launches([_launch(True, n=4100)], stats)
-    again = kernel_report.analyse_launches([_launch(True, n=4100), _launch(True, n=8192)], stats)
-    assert stats == {"compiles": 1, "hits": 2}
-    assert first[0] == again[0]
+    again = kernel_report.analyse_launches([_launch(True, n=8192), _launch(True, n=4100)], stats)
+    assert stats == {"compiles": 1, "hits": 1}
+    assert again[0] == aligned
 
 
 def test_json_rows_of_the_cli(tmp_path, monkeypatch, capsys):
     """`nfd-fast kernels --only CASE --json PATH`: a row per implementation with case,
     impl, modelled_ms and bound; the second run is served from the caches."""
-    monkeypatch.setenv("NFD_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NFD_FAST_CACHE", raising=False)  # shared with test_sm90_compile
     path = tmp_path / "rows.json"
     assert main(["kernels", "--only", "ddim_step_2^26", "--json", str(path)]) == 0
     rep = json.loads(path.read_text())
@@ -87,8 +119,10 @@ def test_json_rows_of_the_cli(tmp_path, monkeypatch, capsys):
     assert launch["ctas"] >= 2**26 // 4096  # every element is covered at the canonical size
     assert "modelled" in capsys.readouterr().out
     again = kernel_report.report(cases=["ddim_step_2^26"])
-    assert again["stats"].get("compiles", 0) == 0  # (a source edit in between recaptures)
-    assert [r["modelled_ms"] for r in again["rows"]] == [r["modelled_ms"] for r in rep["rows"]]
+    assert again["stats"].get("compiles", 0) == 0 and again["stats"]["hits"] == 1
+    # (a source edit in between recaptures: sector counts then move with the addresses)
+    assert [r["modelled_ms"] for r in again["rows"]] == \
+        pytest.approx([r["modelled_ms"] for r in rep["rows"]], rel=0.02)
 
 
 def test_unknown_case_is_refused():

@@ -12,7 +12,7 @@ Three steps, each cached under ~/.cache/nfd_fast/kernel_report (or $NFD_FAST_CAC
    binder specialises each launch's arguments as on a GPU (CUDA pointers 16-byte aligned)
    and triton.compile builds it for sm_90a; cuobjdump gives registers, spills, shared
    memory and the SASS, whose instruction mix is counted per warp with loop trip counts
-   from the TTGIR. Cached by the specialisation key.
+   from the TTGIR. Cached by the specialisation key, and memoised per launch.
 3. model (model.py): counts fitted linearly in the probe size are read at the benchmark
    case's canonical size, and each launch's modelled time is the largest of its
    tensor-core, issue-slot, MUFU, DRAM and L2 times; eager PyTorch and torch.compile are
@@ -37,12 +37,16 @@ LABEL = "modelled H100 (sm_90a), not measured"
 
 
 def _sources_digest() -> str:
-    """Digest of every Python source of nfd_fast and its kernels (a change recaptures)."""
+    """Digest of the sources a capture depends on: nfd_fast and its kernels (this package's
+    model and SASS reader excluded: they do not change what launches)."""
     roots = {Path(importlib.util.find_spec("nfd_fast").origin).parent,
              Path(importlib.util.find_spec("nfd_fast.kernels").origin).parent}
+    here = Path(__file__).parent
     h = hashlib.sha256()
     for root in sorted(roots):
         for path in sorted(root.rglob("*.py")):
+            if path.parent == here and path.name not in ("capture.py", "probes.py"):
+                continue
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -73,20 +77,39 @@ def capture(names: list, stats: dict | None = None) -> dict:
     path_of = {n: folder / (hashlib.sha256(f"{digest}|{n}|{probes.PROBES[n].sizes}".encode())
                             .hexdigest()[:24] + ".json") for n in names}
     missing = [n for n in names if not path_of[n].exists()]
-    if missing:
+    if missing:  # the capture process writes each probe's file as soon as it is done
         with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "capture.json")
-            _run_module("nfd_fast.kernel_report.capture", [*missing, "--out", out], interpret=True)
-            with open(out, encoding="utf-8") as f:
-                for name, result in json.load(f).items():
-                    path_of[name].write_text(json.dumps(result))
+            plan = os.path.join(tmp, "plan.json")
+            with open(plan, "w", encoding="utf-8") as f:
+                json.dump({n: str(path_of[n]) for n in missing}, f)
+            _run_module("nfd_fast.kernel_report.capture", [plan], interpret=True)
     if stats is not None:
         stats["captured"] = stats.get("captured", 0) + len(missing)
     return {n: json.loads(path_of[n].read_text()) for n in names}
 
 
 def analyse_launches(launches: list, stats: dict | None = None) -> list:
-    """sass.kernel_report of each launch (compiled in a process without the interpreter)."""
+    """sass.kernel_report of each launch, compiled in a process without the interpreter.
+    A launch seen before with the same sources is answered from its memo without
+    starting that process."""
+    from . import sass
+
+    version = hashlib.sha256((_sources_digest() + Path(sass.__file__).read_text()).encode()).hexdigest()
+    folder = cache_dir() / "launches"
+    folder.mkdir(exist_ok=True)
+    memo = [folder / (hashlib.sha256((version + json.dumps(launch, sort_keys=True)).encode())
+                      .hexdigest()[:32] + ".json") for launch in launches]
+    todo = [i for i, path in enumerate(memo) if not path.exists()]
+    if todo:
+        reports = _compile_reports([launches[i] for i in todo], stats)
+        for i, report_ in zip(todo, reports):
+            memo[i].write_text(json.dumps(report_))
+    if stats is not None and len(todo) < len(launches):
+        stats["hits"] = stats.get("hits", 0) + len(launches) - len(todo)
+    return [json.loads(path.read_text()) for path in memo]
+
+
+def _compile_reports(launches: list, stats: dict | None) -> list:
     from . import sass
 
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

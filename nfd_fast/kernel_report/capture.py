@@ -1,13 +1,14 @@
 """Capture the Triton launches (and the ATen calls around them) of small probe runs.
 
 Runs as its own process with TRITON_INTERPRET=1 (`python -m nfd_fast.kernel_report.capture
-PROBE... --out PATH`): nfd_fast's public ops run on CPU tensors through the Triton
-interpreter, whose launch path (`InterpretedFunction.run`) is wrapped to record each
-launch: the kernel (module, name), every argument (tensors as pointer descriptors: dtype,
-and whether the address is 16-byte aligned as the CUDA pointer would be: allocations are,
-views are when their byte offset is), the keyword arguments (constexprs, num_warps,
-num_stages) and the grid. The kernels really run, so what follows a launch sees real
-results; while they run, the interpreter's memory and dot operations are counted:
+PLAN.json`, PLAN mapping each probe to the file its result goes to): nfd_fast's public
+ops run on CPU tensors through the Triton interpreter, whose launch path
+(`InterpretedFunction.run`) is wrapped to record each launch: the kernel (module, name),
+every argument (tensors as pointer descriptors: dtype, and whether the address is 16-byte
+aligned as the CUDA pointer would be: allocations are, views are when their byte offset
+is), the keyword arguments (constexprs, num_warps, num_stages) and the grid. The kernels
+really run, so what follows a launch sees real results; while they run, the
+interpreter's memory and dot operations are counted:
 - dot FLOPs (2 M N K per program), by operand type;
 - bytes requested by loads, stores and atomics (active lanes x element size);
 - 32-byte sectors per operation and program (the traffic between L2 and the SMs);
@@ -194,12 +195,26 @@ def trace_mode(recorder: Recorder):
     class _Trace(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            body = _custom_op_body(func)
+            if body is not None:  # nfd_fast's own ops: trace what they run
+                with self:
+                    return body(*args, **kwargs)
             out = func(*args, **kwargs)
             if not _is_view_or_meta(func):
                 recorder.aten(func, args, kwargs, out)
             return out
 
     return _Trace()
+
+
+def _custom_op_body(func):
+    """The Python function behind one of nfd_fast's torch.library ops (None for others)."""
+    if func.namespace != "nfd_fast":
+        return None
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    opdef = _maybe_get_opdef(func)
+    return None if opdef is None else opdef._backend_fns.get("cpu", opdef._init_fn)
 
 
 _NO_WORK = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
@@ -212,43 +227,42 @@ def _is_view_or_meta(func) -> bool:
     return aliases or func.overloadpacket.__name__ in _NO_WORK
 
 
-def run_probes(names, sizes) -> dict:
-    """{probe: {size: [events]}} for each probe at each size."""
+def run_probe(recorder: Recorder, name: str) -> dict:
+    """{size: events} of one probe at its two sizes, or {"error": why}."""
     from . import probes
 
-    recorder = Recorder()
-    recorder.install()
-    results = {}
-    for name in names:
-        results[name] = {}
-        for n in sizes[name] if isinstance(sizes, dict) else sizes:
-            recorder.events = []
-            try:
-                step = probes.PROBES[name].run(int(n))
-                with trace_mode(recorder):
-                    step()
-                results[name][str(n)] = recorder.events
-            except Exception as exc:  # one broken probe must not hide the others
-                results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-                break
-    return results
+    probe, result = probes.PROBES[name], {}
+    for n in probe.sizes:
+        recorder.events = []
+        try:
+            step = probe.run(int(n))
+            with trace_mode(recorder):
+                step()
+        except Exception as exc:  # one broken probe must not hide the others
+            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        result[str(n)] = recorder.events
+    return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="capture probe launches under the interpreter")
-    parser.add_argument("probes", nargs="+")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("plan", help="JSON {probe name: path of its result}")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         sys.exit("capture runs the kernels through the interpreter: set TRITON_INTERPRET=1")
     import torch
 
-    from . import probes
-
-    torch.manual_seed(0)
-    sizes = {name: probes.PROBES[name].sizes for name in args.probes}
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(run_probes(args.probes, sizes), f)
+    with open(args.plan, encoding="utf-8") as f:
+        plan = json.load(f)
+    recorder = Recorder()
+    recorder.install()
+    for name, path in plan.items():
+        torch.manual_seed(0)
+        result = run_probe(recorder, name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        os.replace(tmp, path)
     return 0
 
 

@@ -8,17 +8,22 @@ their storage offset). Its specialisation (ints equal to 1 become constexprs, in
 pointers divisible by 16 get `tt.divisibility`), the constexprs and the launch options
 (num_warps, num_stages, ...) then go through `JITFunction._pack_args` and `triton.compile`
 for GPUTarget("cuda", 90, 32) (sm_90a; 32 = the warp size the CUDA driver reports), as
-`JITFunction._do_compile` does on a GPU. Triton caches the compile on disk; the SASS
-analysis is cached here by the compiled kernel's hash.
+`JITFunction._do_compile` does on a GPU. Triton caches the compile on disk; the analysis
+is cached here by the specialisation key (kernel source hash, signature, constexprs,
+attributes, options) and this file's own version.
 
 SASS analysis (cuobjdump from the Triton wheel): every instruction is classed (tensor-core,
 FFMA, MUFU, global loads / stores by width, local memory, atomics, fences, cache control,
 barriers); loops are the backward branches. Trip counts come from the kernel's TTGIR: a
-`scf.for` with constant bounds runs (ub - lb) / step times; each level of the `scf.for`
-tree is matched to the same number of largest SASS loops at that level, in address order
-(smaller unmatched loops, such as libdevice's Payne-Hanek sine path, count once). The
-dynamic count per warp is the static count with every loop body weighted by its trips;
-the hot loop is the matched loop with the most dynamic instructions.
+`scf.for` with constant bounds runs (ub - lb) / step times. Each level of the `scf.for`
+tree is matched to the same number of largest SASS (and PTX) loops at that level, in
+program order; smaller unmatched loops, such as libdevice's Payne-Hanek sine path, count
+once. ptxas may unroll a loop u times: u is the ratio of the SASS loop's global memory
+instructions to its PTX loop's, and the SASS loop runs floor(trips / u) times (the
+remainder is peeled into straight-line code). The dynamic
+count per warp is the static count with every loop body weighted by its trips; the hot
+loop is the matched loop with the most dynamic instructions. A loop whose bounds are not
+constants counts once and the kernel is flagged (trip_counts_known = False).
 """
 from __future__ import annotations
 
@@ -33,7 +38,6 @@ from pathlib import Path
 TARGET_ARCH = 90
 WARP_SIZE = 32
 
-# opcode class -> predicate on the dotted opcode
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 
@@ -120,7 +124,7 @@ def parse_sass(listing: str) -> list:
             for m in _SASS_LINE.finditer(listing)]
 
 
-def instruction_class(opcode: str, operands: str = "") -> str | None:
+def instruction_class(opcode: str) -> str | None:
     """The class an instruction is counted under (None: not counted apart)."""
     parts = opcode.split(".")
     base = parts[0]
@@ -191,22 +195,73 @@ def scf_for_tree(ttgir: str) -> list:
     return roots
 
 
-def _match(sass_nodes: list, scf_nodes: list, weight: int, trips_of: dict, unknown: list) -> None:
-    """Give each SASS loop its trip count: the len(scf_nodes) largest at this level, in
-    address order, take the scf.for trips; the rest run once per entry."""
-    biggest = sorted(sass_nodes, key=lambda n: n["end"] - n["start"], reverse=True)[:len(scf_nodes)]
-    matched = sorted(biggest, key=lambda n: n["start"])
+def _largest(nodes: list, k: int) -> list:
+    """The k largest loops of one nesting level, in program order."""
+    biggest = sorted(nodes, key=lambda n: n["end"] - n["start"], reverse=True)[:k]
+    return sorted(biggest, key=lambda n: n["start"])
+
+
+def _match(sass_nodes: list, ptx_nodes: list, scf_nodes: list, weight: int, trips_of: dict,
+           unknown: list) -> None:
+    """Give each SASS loop its trip count. At each nesting level the len(scf_nodes) largest
+    SASS and PTX loops, in program order, are the scf.for loops; ptxas may unroll a PTX
+    loop u times (u = its global memory instructions per SASS iteration over those per
+    PTX iteration), leaving floor(trips / u) iterations. Other loops (such as libdevice's
+    Payne-Hanek sine path) count once per entry."""
+    matched = _largest(sass_nodes, len(scf_nodes))
+    ptx = _largest(ptx_nodes, len(scf_nodes))
     for node in sass_nodes:
-        trips, children = 1, []
+        trips, scf_children, ptx_children = 1, [], []
         if node in matched:
-            scf = scf_nodes[matched.index(node)]
+            i = matched.index(node)
+            scf = scf_nodes[i]
+            scf_children = scf["children"]
+            ptx_node = ptx[i] if i < len(ptx) else None
+            ptx_children = ptx_node["children"] if ptx_node else []
+            unroll = 1
+            if ptx_node and ptx_node["mem"] and node["mem"] > ptx_node["mem"]:
+                unroll = round(node["mem"] / ptx_node["mem"])
             if scf["trips"] is None:
                 unknown.append(node["start"])
             else:
-                trips = scf["trips"]
-            children = scf["children"]
+                # the remainder of trips / u runs as straight-line code outside the loop
+                trips = max(scf["trips"] // unroll, min(scf["trips"], 1))
         trips_of[(node["start"], node["end"])] = (trips, weight * trips, node in matched)
-        _match(node["children"], children, weight * trips, trips_of, unknown)
+        _match(node["children"], ptx_children, scf_children, weight * trips, trips_of, unknown)
+
+
+def _count_exclusive(nodes: list, positions: list) -> None:
+    """node["mem"] = how many of `positions` lie in the loop but in none of its children."""
+    for node in nodes:
+        _count_exclusive(node["children"], positions)
+        inside = sum(node["start"] <= p <= node["end"] for p in positions)
+        node["mem"] = inside - sum(_count_all(c, positions) for c in node["children"])
+
+
+def _count_all(node: dict, positions: list) -> int:
+    return sum(node["start"] <= p <= node["end"] for p in positions)
+
+
+_PTX_LABEL = re.compile(r"^(\$L__\w+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_PTX_GLOBAL = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:ld|st|atom|red)\.global")
+
+
+def ptx_loops(ptx: str) -> list:
+    """The PTX loop nest (backward branches, by line), each with its global memory
+    instruction count ("mem", excluding nested loops)."""
+    lines = ptx.splitlines()
+    labels, intervals, memory = {}, [], []
+    for i, line in enumerate(lines):
+        if m := _PTX_LABEL.match(line.strip()):
+            labels[m.group(1)] = i
+        if (m := _PTX_BRANCH.search(line)) and labels.get(m.group(1), i) < i:
+            intervals.append((labels[m.group(1)], i))
+        if _PTX_GLOBAL.match(line):
+            memory.append(i)
+    tree = _loop_tree(sorted(set(intervals), key=lambda iv: (iv[0], -iv[1])))
+    _count_exclusive(tree, memory)
+    return tree
 
 
 def _innermost(loops: dict, addr: int):
@@ -214,19 +269,20 @@ def _innermost(loops: dict, addr: int):
     return min(inside, key=lambda lp: lp["end"] - lp["start"], default=None)
 
 
-def analyse(listing: str, ttgir: str) -> dict:
+def analyse(listing: str, ttgir: str, ptx: str) -> dict:
     """Static and per-warp dynamic instruction mix, loops and the hot loop of one kernel."""
     instrs = parse_sass(listing)
     tree = _loop_tree(_loops(instrs))
+    _count_exclusive(tree, [a for a, op, _ in instrs if op.split(".")[0] in _GLOBAL_MEMORY])
     trips_of, unknown = {}, []
-    _match(tree, scf_for_tree(ttgir), 1, trips_of, unknown)
+    _match(tree, ptx_loops(ptx), scf_for_tree(ttgir), 1, trips_of, unknown)
     static, dynamic = {"total": 0}, {"total": 0}
     loops = {key: {"start": key[0], "end": key[1], "trips": t, "weight": w, "matched": m,
                    "mix": {"total": 0}} for key, (t, w, m) in trips_of.items()}
     for addr, op, operands in instrs:
         if op == "NOP":  # alignment padding, never issued
             continue
-        cls = instruction_class(op, operands)
+        cls = instruction_class(op)
         innermost = _innermost(loops, addr)
         weight = 1 if innermost is None else innermost["weight"]
         for mix, w in ((static, 1), (dynamic, weight)):
@@ -247,6 +303,7 @@ def analyse(listing: str, ttgir: str) -> dict:
             "loops": len(loops), "trip_counts_known": not unknown}
 
 
+_GLOBAL_MEMORY = ("LDG", "STG", "ATOMG", "RED", "REDG")
 _MMA_SHAPE = re.compile(r"(\d+)x(\d+)x(\d+)")
 
 
@@ -288,7 +345,7 @@ def report_compiled(compiled) -> dict:
     meta = compiled.metadata
     out = {"name": meta.name, "hash": meta.hash, "num_warps": meta.num_warps,
            "num_stages": meta.num_stages, "shared_bytes": meta.shared, **resources(res)}
-    out.update(analyse(sass, compiled.asm["ttgir"]))
+    out.update(analyse(sass, compiled.asm["ttgir"], compiled.asm["ptx"]))
     out["spill_instructions"] = out["static"].get("LDL", 0) + out["static"].get("STL", 0)
     return out
 
@@ -308,9 +365,10 @@ def kernel_report(launch: dict, stats: dict | None = None) -> dict:
     import triton
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, made explicit
-    fn, backend, src, options = specialise(launch)
-    key = hashlib.sha256("|".join([src.hash(), backend.hash(), options.hash(), triton.__version__])
-                         .encode()).hexdigest()
+    _, backend, src, options = specialise(launch)
+    analysis = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # this reader's version
+    key = hashlib.sha256("|".join([src.hash(), backend.hash(), options.hash(), triton.__version__,
+                                   analysis]).encode()).hexdigest()
     path = cache_dir() / f"{key}.json"
     if path.exists():
         if stats is not None:
