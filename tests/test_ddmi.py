@@ -392,9 +392,15 @@ def test_cfc_decoder_float16_on_the_kernels():
     r = small_image_readout(torch.float32, field_channels=4, hidden=16)
     fields, coords = image_inputs(C=4, N=9, dtype=torch.float32, sizes=(3, 5, 7))
     ref = r.reference_forward(fields, coords, 0.7, noise=False)
-    with nfd_fast.use_backend("triton"), torch.no_grad():
-        out = r.half()(fields=[f.detach().half() for f in fields], coords=coords.detach().half(), scale=0.7, noise=False)
+    weight = torch.randn_like(ref)
+    ref_grads = grads(ref, [fields[1], coords], weight)
+    half_fields = [f.detach().half().requires_grad_() for f in fields]
+    half_coords = coords.detach().half().requires_grad_()
+    with nfd_fast.use_backend("triton"):
+        out = r.half()(half_fields, half_coords, 0.7, noise=False)
+        out_grads = grads(out.float(), [half_fields[1], half_coords], weight)
     assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2
+    assert all(g.dtype == torch.float16 and rel_err(g, e) < 3e-2 for g, e in zip(out_grads, ref_grads))
 
 
 def test_cfc_decoder_wide_blocks_use_the_layer_path(fused_mlp_calls):
