@@ -186,8 +186,50 @@ def _grid_coordinates(lin, cin, gsize_ptr, gaffine_ptr, BLOCK_M: tl.constexpr, I
 
 
 @triton.jit
+def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                      stride_sb, stride_tb, stride_mb, HID_PAD: tl.constexpr, ACT: tl.constexpr,
+                      FAST_SINE: tl.constexpr, TANGENTS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """(h, t_h): h = act(scale z + shift) mult and its forward-mode tangents
+    t_h = act'(u) scale t_z mult. tz stacks TANGENTS blocks of BLOCK_M rows (tangent d of
+    row r at d * BLOCK_M + r), so the per-column factors broadcast as they are and only
+    act'(u) is repeated over the blocks."""
+    mod = layer * HID_PAD + cols
+    u = z
+    if scale_ptr is not None:
+        s = tl.load(scale_ptr + b * stride_sb + mod)[None, :]
+        u = u * s
+        tz = tz * s
+    if shift_ptr is not None:
+        u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
+    h, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE)
+    th = tl.reshape(tl.reshape(tz, (TANGENTS, BLOCK_M, WIDTH)) * da[None, :, :],
+                    (TANGENTS * BLOCK_M, WIDTH))
+    if mult_ptr is not None:
+        m = tl.load(mult_ptr + b * stride_mb + mod)[None, :]
+        h = h * m
+        th = th * m
+    return h, th
+
+
+@triton.jit
+def _store_jacobian(z, tz, cols, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT, layer,
+                    FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr,
+                    TANGENTS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """y = final_act(z) and J[row, o, d] = final_act'(z) t_z (j_ptr: [M, OUT, IN])."""
+    y, da = _activation_grad(z, act_ptr, layer, FINAL_ACT, FAST_SINE)
+    offs = grow[:, None] * OUT + cols[None, :]
+    mask = row_ok[:, None] & (cols < OUT)[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tj = tl.reshape(tz, (TANGENTS, BLOCK_M, WIDTH)) * da[None, :, :]
+    d = tl.arange(0, TANGENTS)
+    tl.store(j_ptr + offs[None, :, :] * IN + d[:, None, None],
+             tj.to(j_ptr.dtype.element_ty), mask=mask[None, :, :] & (d < IN)[:, None, None])
+
+
+@triton.jit
 def fused_mlp_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr, y_ptr, z_ptr, zf_ptr,
+    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr, y_ptr, z_ptr, zf_ptr, j_ptr,
     gsize_ptr, gaffine_ptr, lin0,
     N, IN, OUT, M,
     stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
@@ -196,9 +238,14 @@ def fused_mlp_fwd_kernel(
     ACTS: tl.constexpr, FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0,
+    GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0, TANGENTS: tl.constexpr = 0,
 ):
     """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows of sample b = program_id(1).
+
+    TANGENTS > 0 (a power of two >= IN): forward-mode tangents along each input axis are
+    carried through every layer beside the values, stacked as TANGENTS extra blocks of
+    rows that share each weight tile's load, and the Jacobian dy/dx goes to j_ptr
+    ([M, OUT, IN]); value and Jacobian in one pass.
 
     GRID_DIMS > 0 (rendering, B = 1): x is not read; row r's coordinates are those of grid
     point lin0 + r, made here from the grid's sizes and per-component affine maps.
@@ -225,6 +272,9 @@ def fused_mlp_fwd_kernel(
         h = tl.load(x_ptr + grow[:, None] * IN + cin[None, :],
                     mask=row_ok[:, None] & (cin < IN)[None, :], other=0.0).to(tl.float32)
     cfull = tl.arange(0, HID_PAD)
+    if TANGENTS > 0:  # t = dx/dx: tangent d of every row is the unit vector e_d
+        tangent_of_row = tl.arange(0, TANGENTS * BLOCK_M) // BLOCK_M
+        t = tl.where(cin[None, :] == tangent_of_row[:, None], 1.0, 0.0)
 
     for p in tl.static_range(NUM_LAYERS // 2):
         # Layers a = 2p and b = 2p + 1. Their indices are written out inline: Triton would
@@ -237,45 +287,74 @@ def fused_mlp_fwd_kernel(
         if 2 * p + 1 == NUM_LAYERS - 1:
             nb = tl.arange(0, OUT_PAD)
             acc = tl.zeros((BLOCK_M, OUT_PAD), dtype=tl.float32)
+            if TANGENTS > 0:
+                tacc = tl.zeros((TANGENTS * BLOCK_M, OUT_PAD), dtype=tl.float32)
         else:
             nb = cfull
             acc = tl.zeros((BLOCK_M, HID_PAD), dtype=tl.float32)
+            if TANGENTS > 0:
+                tacc = tl.zeros((TANGENTS * BLOCK_M, HID_PAD), dtype=tl.float32)
         for j in range(0, HID_PAD, BLOCK_N):
             cj = j + tl.arange(0, BLOCK_N)
-            zc = _matmul(h, _load_weight_t(w_base + 2 * p * D * D, kk, cj, D), DOT_KIND, PRECISION)
+            w_a = _load_weight_t(w_base + 2 * p * D * D, kk, cj, D)
+            w_b = _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D)
+            zc = _matmul(h, w_a, DOT_KIND, PRECISION)
             if b_ptr is not None:
                 zc += tl.load(b_ptr + b * stride_bb + 2 * p * D + cj)[None, :]
             if z_ptr is not None:
                 tl.store(z_ptr + (2 * p * m64 + grow[:, None]) * HID_PAD + cj[None, :], zc,
                          mask=row_ok[:, None])
-            hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
-                           stride_sb, stride_tb, stride_mb, HID_PAD,
-                           (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, FAST_SINE)
-            acc += _matmul(hc, _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D),
-                           DOT_KIND, PRECISION)
+            if TANGENTS > 0:
+                hc, thc = _tangent_modulate(zc, _matmul(t, w_a, DOT_KIND, PRECISION), cj, b,
+                                            2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                                            stride_sb, stride_tb, stride_mb, HID_PAD,
+                                            (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE,
+                                            FAST_SINE, TANGENTS, BLOCK_M, BLOCK_N)
+                tacc += _matmul(thc, w_b, DOT_KIND, PRECISION)
+            else:
+                hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                               stride_sb, stride_tb, stride_mb, HID_PAD,
+                               (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, FAST_SINE)
+            acc += _matmul(hc, w_b, DOT_KIND, PRECISION)
         if b_ptr is not None:
             acc += tl.load(b_ptr + b * stride_bb + (2 * p + 1) * D + nb)[None, :]
         if 2 * p + 1 == NUM_LAYERS - 1:
-            _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, 2 * p + 1,
-                          FINAL_ACT, FAST_SINE)
+            if TANGENTS > 0:
+                _store_jacobian(acc, tacc, nb, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT,
+                                2 * p + 1, FINAL_ACT, FAST_SINE, TANGENTS, BLOCK_M, OUT_PAD)
+            else:
+                _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, 2 * p + 1,
+                              FINAL_ACT, FAST_SINE)
         else:
             if z_ptr is not None:
                 tl.store(z_ptr + ((2 * p + 1) * m64 + grow[:, None]) * HID_PAD + cfull[None, :],
                          acc, mask=row_ok[:, None])
-            h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
-                          stride_sb, stride_tb, stride_mb, HID_PAD,
-                          (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, FAST_SINE)
+            if TANGENTS > 0:
+                h, t = _tangent_modulate(acc, tacc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr,
+                                         mult_ptr, act_ptr, stride_sb, stride_tb, stride_mb,
+                                         HID_PAD, (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE,
+                                         FAST_SINE, TANGENTS, BLOCK_M, HID_PAD)
+            else:
+                h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                              stride_sb, stride_tb, stride_mb, HID_PAD,
+                              (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, FAST_SINE)
 
     if NUM_LAYERS % 2 == 1:
         # An odd layer count leaves the output layer alone; its BLOCK_OUT-wide column
         # chunks go straight to memory, so no concatenation is needed.
         for j in range(0, OUT_PAD, BLOCK_OUT):
             cj = j + tl.arange(0, BLOCK_OUT)
-            yc = _matmul(h, _load_weight_t(w_base + (NUM_LAYERS - 1) * D * D, cfull, cj, D), DOT_KIND, PRECISION)
+            w_out = _load_weight_t(w_base + (NUM_LAYERS - 1) * D * D, cfull, cj, D)
+            yc = _matmul(h, w_out, DOT_KIND, PRECISION)
             if b_ptr is not None:
                 yc += tl.load(b_ptr + b * stride_bb + (NUM_LAYERS - 1) * D + cj)[None, :]
-            _store_output(yc, cj, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, NUM_LAYERS - 1,
-                          FINAL_ACT, FAST_SINE)
+            if TANGENTS > 0:
+                _store_jacobian(yc, _matmul(t, w_out, DOT_KIND, PRECISION), cj, grow, row_ok,
+                                y_ptr, j_ptr, act_ptr, IN, OUT, NUM_LAYERS - 1, FINAL_ACT,
+                                FAST_SINE, TANGENTS, BLOCK_M, BLOCK_OUT)
+            else:
+                _store_output(yc, cj, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, NUM_LAYERS - 1,
+                              FINAL_ACT, FAST_SINE)
 
 
 @triton.jit

@@ -433,3 +433,76 @@ def test_derivative_losses_train_the_same_on_both_backends(loss_kind):
     assert all(not torch.equal(b, s) for b, s in zip(reference[:-1], start[:-1]))
     for a, b in zip(fused, reference):
         assert rel_err(a, b) < 1e-4
+
+
+# ------------------------------------------------------------- value and Jacobian in one pass
+
+
+def autograd_jacobian(fn, x):
+    """dy/dx per point by autograd (independent of the tangent recurrence): [B, N, out, in]."""
+    y = fn(x)
+    rows = [torch.autograd.grad(y[..., o].sum(), x, retain_graph=True)[0] for o in range(y.shape[-1])]
+    return torch.stack(rows, dim=-2)
+
+
+JACOBIAN_CASES = [  # (widths, activation, final, per-sample weights, modulations)
+    ([3, 16, 16, 2], "sine", "identity", False, ()),
+    ([2, 16, 16, 16, 3], "gelu", "silu", True, ("scale", "shift")),
+    ([4, 32, 1], "leaky_relu", "sine", False, ("mult",)),
+    ([1, 16, 16, 16, 16, 2], "silu", "identity", True, ("scale", "mult")),
+]
+
+
+@pytest.mark.parametrize("widths,activation,final,per_sample,mods", JACOBIAN_CASES)
+@pytest.mark.parametrize("setting", BACKENDS)
+def test_value_and_jacobian_equal_autograd(widths, activation, final, per_sample, mods, setting):
+    B, N = 2, 19
+    x = rand(B, N, widths[0], seed=1)
+    lead = (B,) if per_sample else ()
+    weights = [rand(*lead, o, i, scale=0.8, seed=2 + l) for l, (i, o) in enumerate(zip(widths[:-1], widths[1:]))]
+    biases = [rand(o, seed=10 + l, scale=0.3) for l, o in enumerate(widths[1:])]
+    extra = {name: [rand(B, w, seed=20 + 3 * l + k, scale=0.4) + (0.0 if name == "shift" else 1.0)
+                    for l, w in enumerate(widths[1:-1])] for k, name in enumerate(mods)}
+    options = dict(activation=activation, final_activation=final, w0=2.0, leaky_gain=1.3, **extra)
+    with nfd_fast.use_backend(setting):
+        y, jac = mlp_ops.fused_mlp_with_jacobian(x, weights, biases, **options)
+    with nfd_fast.use_backend("torch"):
+        want_y = fused_mlp(x, weights, biases, **options)
+        want_j = autograd_jacobian(lambda v: fused_mlp(v, weights, biases, **options), x)
+    assert jac.shape == (B, N, widths[-1], widths[0])
+    assert rel_err(y, want_y) < 1e-5 and rel_err(jac, want_j) < 1e-5
+
+
+@pytest.mark.parametrize("setting", BACKENDS)
+def test_eikonal_loss_through_the_jacobian_matches_double_backward(setting):
+    """A loss on J trains the weights: its gradient equals the one through autograd's
+    double backward of the plain forward."""
+    siren = Siren(3, 16, 2, 1, first_omega_0=3.0, hidden_omega_0=3.0).to(DEVICE)
+    x = rand(37, 3, seed=5)
+    with nfd_fast.use_backend(setting):
+        y, jac = siren.value_and_jacobian(x)
+        loss = ((jac[:, 0].norm(dim=-1) - 1) ** 2).mean() + y.abs().mean()
+        got = torch.autograd.grad(loss, list(siren.parameters()))
+    with nfd_fast.use_backend("torch"):
+        y = siren(x)
+        dx, = torch.autograd.grad(y.sum(), x, create_graph=True)
+        loss = ((dx.norm(dim=-1) - 1) ** 2).mean() + y.abs().mean()
+        want = torch.autograd.grad(loss, list(siren.parameters()))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("setting", BACKENDS)
+def test_opcheck_fused_mlp_jacobian(setting):
+    x = rand(2, 9, 3, seed=1)
+    weights = [rand(16, 3, seed=2), rand(2, 16, 16, seed=3, scale=0.3), rand(5, 16, seed=4)]
+    biases = [rand(16, seed=5)]
+    args = (x, weights, biases, 0b001, [rand(2, 16, seed=6)], 0b10, [], 0, [], 0, [1, 5, 0],
+            [3.0, 1.0, 1.0], 0.01, 1.0, "ieee", False, setting)
+    torch.library.opcheck(torch.ops.nfd_fast.fused_mlp_jacobian.default, args)
+
+
+def test_value_and_jacobian_compiles_fullgraph():
+    siren = Siren(2, 16, 1, 1).to(DEVICE)
+    with nfd_fast.use_backend("triton"):
+        compile_and_compare(lambda x: siren.value_and_jacobian(x), rand(11, 2, seed=1))

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.fused_mlp import fused_mlp
+from ..ops.fused_mlp import fused_mlp, fused_mlp_with_jacobian
 
 
 @torch.no_grad()
@@ -97,6 +97,13 @@ class Siren(nn.Module):
     def forward(self, coords: torch.Tensor, *, scale=None, shift=None, mult=None) -> torch.Tensor:
         """coords [N, in] or [B, N, in]; optional per-hidden-layer modulations (fused_mlp)."""
         return fused_mlp(coords, scale=scale, shift=shift, mult=mult, **self.fused_mlp_arguments())
+
+    def value_and_jacobian(self, coords: torch.Tensor, *, scale=None, shift=None,
+                           mult=None) -> tuple:
+        """(values, J) with J[..., o, d] = d values_o / d coords_d, in one fused pass
+        (fused_mlp_with_jacobian): normals, eikonal and gradient losses."""
+        return fused_mlp_with_jacobian(coords, scale=scale, shift=shift, mult=mult,
+                                       **self.fused_mlp_arguments())
 
 
 class ModulatedSiren(nn.Module):

@@ -35,6 +35,7 @@ libdevice's sinf by a range-reduced polynomial (absolute error < 4e-7 at |x| < 1
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -267,6 +268,58 @@ def reference_forward(p: MLPInputs) -> torch.Tensor:
     return h.to(p.x.dtype)
 
 
+def activation_derivative(u: torch.Tensor, act: LayerActivation) -> torch.Tensor:
+    """d act / d u, written out (the reference's forward-mode rule)."""
+    if act.kind == "sine":
+        return act.w0 * torch.cos(act.w0 * u)
+    if act.kind == "relu":
+        return (u > 0).to(u.dtype)
+    if act.kind == "leaky_relu":
+        return act.gain * torch.where(u >= 0, torch.ones_like(u), torch.full_like(u, act.slope))
+    if act.kind == "gelu":
+        cdf = 0.5 * (1 + torch.erf(u * 0.5**0.5))
+        return cdf + u * torch.exp(-0.5 * u * u) / (2 * math.pi) ** 0.5
+    if act.kind == "silu":
+        sig = torch.sigmoid(u)
+        return sig * (1 + u * (1 - sig))
+    return torch.ones_like(u)
+
+
+def reference_forward_with_jacobian(p: MLPInputs) -> tuple:
+    """(y [B, N, out], J [B, N, out, in] = dy/dx) by forward-mode tangents carried layer
+    by layer beside the values: t [B, N, in, width] holds d h / d x_d in row d."""
+    dtype = torch.float64 if p.x.dtype == torch.float64 else torch.float32
+    h = p.x.to(dtype)
+    in_features = h.shape[-1]
+    t = torch.eye(in_features, dtype=dtype, device=h.device).expand(*h.shape[:-1], -1, -1)
+
+    def tangent_factor(v):  # [width] / [B, 1, width] -> broadcastable over [B, N, in, width]
+        v = _per_sample(v, dtype)
+        return v.unsqueeze(-2) if v.dim() == 3 else v
+
+    for l, (w, b) in enumerate(zip(p.weights, p.biases)):
+        wt = w.to(dtype).transpose(-1, -2)
+        z = torch.matmul(h, wt)
+        t = torch.matmul(t, wt.unsqueeze(1) if wt.dim() == 3 else wt)
+        if b is not None:
+            z = z + _per_sample(b, dtype)
+        if l == p.num_layers - 1:
+            h = apply_activation(z, p.acts[l])
+            t = t * activation_derivative(z, p.acts[l]).unsqueeze(-2)
+            break
+        if p.scale[l] is not None:
+            z = z * _per_sample(p.scale[l], dtype)
+            t = t * tangent_factor(p.scale[l])
+        if p.shift[l] is not None:
+            z = z + _per_sample(p.shift[l], dtype)
+        h = apply_activation(z, p.acts[l])
+        t = t * activation_derivative(z, p.acts[l]).unsqueeze(-2)
+        if p.mult[l] is not None:
+            h = h * _per_sample(p.mult[l], dtype)
+            t = t * tangent_factor(p.mult[l])
+    return h.to(p.x.dtype), t.transpose(-1, -2).to(p.x.dtype)
+
+
 def mlp_reference_vjp(p: MLPInputs, grad_y: torch.Tensor, needs: Sequence[bool],
                       create_graph: bool) -> list:
     """Gradients of <reference_forward(p), grad_y> for p.tensors() (None where not needed)."""
@@ -378,10 +431,12 @@ def _hidden_act_codes(p: MLPInputs) -> int:
     return acts
 
 
-def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None):
+def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None,
+                    jacobian: bool = False):
     """y [B, N, out], and with save_z the saved pre-activations (z [L-1, M, HID_PAD],
-    zf [M, out] or None). coord_grid: None, or (sizes int64 [D], affine float32 [D, 2],
-    axes bit-field, start) to make the coordinates in the kernel (p.x gives the shape)."""
+    zf [M, out] or None), or with jacobian J [B, N, out, in] in place of z. coord_grid:
+    None, or (sizes int64 [D], affine float32 [D, 2], axes bit-field, start) to make the
+    coordinates in the kernel (p.x gives the shape)."""
     import triton
 
     from ..kernels import fused_mlp as K
@@ -393,12 +448,13 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
     final_act = ACTIVATIONS.index(p.acts[-1].kind)
     z = torch.empty(L - 1, M, g.hid_pad, device=dev, dtype=torch.float32) if save_z else None
     zf = torch.empty(M, OUT, device=dev, dtype=torch.float32) if save_z and final_act else None
+    jac = torch.empty(B, N, OUT, IN, device=dev, dtype=p.x.dtype) if jacobian else None
     dot_kind, prec = _dot_config(p.precision)
     sizes, affine, axes, start = coord_grid or (None, None, 0, 0)
     grid = (triton.cdiv(N, g.block_m), B)
     K.fused_mlp_fwd_kernel[grid](
         None if coord_grid else p.x.contiguous(), packed.weights, packed.bias, packed.scale,
-        packed.shift, packed.mult, packed.act, y, z, zf, sizes, affine, start,
+        packed.shift, packed.mult, packed.act, y, z, zf, jac, sizes, affine, start,
         N, IN, OUT, M, _stride0(packed.weights), _stride0(packed.bias), _stride0(packed.scale),
         _stride0(packed.shift), _stride0(packed.mult),
         NUM_LAYERS=L, D=g.d, IN_PAD=g.in_pad, HID_PAD=g.hid_pad, OUT_PAD=g.out_pad,
@@ -406,8 +462,9 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
         DOT_KIND=dot_kind, PRECISION=prec, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
         BLOCK_OUT=g.block_out, num_warps=g.num_warps, num_stages=g.num_stages,
         GRID_DIMS=IN if coord_grid else 0, GRID_AXES=axes,
+        TANGENTS=pad_pow2(IN, minimum=1) if jacobian else 0,
     )
-    return y, z, zf
+    return (y, jac) if jacobian else (y, z, zf)
 
 
 def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, layer, z):
@@ -459,6 +516,13 @@ def kernel_forward(p: MLPInputs, save_z: bool):
     """The fused forward: (y [B, N, out], z or None, zf or None)."""
     g = _Geometry.of(p.widths(), p.precision)
     return _launch_forward(p, g, _pack_params(p, g), save_z)
+
+
+def kernel_forward_with_jacobian(p: MLPInputs):
+    """The fused forward carrying forward-mode tangents: (y, J [B, N, out, in]). Tiles of
+    16 rows: the tangents multiply the rows a tile holds by in (padded to a power of two)."""
+    g = dataclasses.replace(_Geometry.of(p.widths(), p.precision), block_m=16)
+    return _launch_forward(p, g, _pack_params(p, g), save_z=False, jacobian=True)
 
 
 def kernel_backward(p: MLPInputs, grad_y, z, zf, needs: Sequence[bool]) -> list:
@@ -687,6 +751,100 @@ def _backward(ctx, grad_y, _grad_z, _grad_zf):
 _fused_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The value-and-Jacobian op takes the same arguments as nfd_fast::fused_mlp but the
+# training switches; its backward is the reference's VJP (of the tangent recurrence), so
+# losses on the Jacobian (eikonal, normals) train the MLP's parameters on every backend.
+
+@torch.library.custom_op("nfd_fast::fused_mlp_jacobian", mutates_args=())
+def _fused_mlp_jacobian_op(x: torch.Tensor, weights: List[torch.Tensor],
+                           biases: List[torch.Tensor], bias_mask: int,
+                           scale: List[torch.Tensor], scale_mask: int,
+                           shift: List[torch.Tensor], shift_mask: int,
+                           mult: List[torch.Tensor], mult_mask: int, activations: List[int],
+                           w0: List[float], leaky_slope: float, leaky_gain: float,
+                           precision: str, fast_sine: bool, backend_setting: str
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [B, N, out], J [B, N, out, in])."""
+    p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
+                   mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
+                   False)
+    if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
+            or x.numel() == 0:
+        y, jac = reference_forward_with_jacobian(p)
+        return y, jac.contiguous()  # the fake's (and the kernel's) layout
+    return kernel_forward_with_jacobian(p)
+
+
+@_fused_mlp_jacobian_op.register_fake
+def _fused_mlp_jacobian_fake(x, weights, *rest):
+    B, N, IN = x.shape
+    out = weights[-1].shape[-2]
+    return x.new_empty(B, N, out), x.new_empty(B, N, out, IN)
+
+
+@torch.library.custom_op("nfd_fast::fused_mlp_jacobian_backward", mutates_args=())
+def _fused_mlp_jacobian_backward_op(grad_y: torch.Tensor, grad_jacobian: torch.Tensor,
+                                    x: torch.Tensor, weights: List[torch.Tensor],
+                                    biases: List[torch.Tensor], bias_mask: int,
+                                    scale: List[torch.Tensor], scale_mask: int,
+                                    shift: List[torch.Tensor], shift_mask: int,
+                                    mult: List[torch.Tensor], mult_mask: int,
+                                    activations: List[int], w0: List[float],
+                                    leaky_slope: float, leaky_gain: float, precision: str,
+                                    fast_sine: bool, needs: List[bool]) -> List[torch.Tensor]:
+    p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
+                   mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
+                   False)
+    return zeros_where_absent(_jacobian_reference_vjp(p, grad_y, grad_jacobian, needs, False), x)
+
+
+@_fused_mlp_jacobian_backward_op.register_fake
+def _fused_mlp_jacobian_backward_fake(grad_y, grad_jacobian, x, weights, biases, bias_mask,
+                                      scale, scale_mask, shift, shift_mask, mult, mult_mask,
+                                      *rest):
+    needs = rest[-1]
+    tensors = [x, *weights, *biases, *scale, *shift, *mult]
+    return [torch.empty_like(t) if need else empty_f32(x) for t, need in zip(tensors, needs)]
+
+
+def _jacobian_reference_vjp(p: MLPInputs, grad_y, grad_jacobian, needs, create_graph):
+    return reference_vjp(lambda *flat: reference_forward_with_jacobian(p.with_tensors(flat)),
+                         p.tensors(), needs, (grad_y, grad_jacobian), create_graph)
+
+
+def _jacobian_setup_context(ctx, inputs, output):
+    ctx.inputs_meta = [inputs[i] for i in range(len(inputs)) if i not in _TENSOR_ARGS]
+    tensors = [inputs[0], *[t for i in _TENSOR_ARGS[1:] for t in inputs[i]]]
+    ctx.group_sizes = [len(inputs[i]) for i in _TENSOR_ARGS[1:]]
+    ctx.save_for_backward(*tensors)
+
+
+def _jacobian_backward(ctx, grad_y, grad_jacobian):
+    tensors = ctx.saved_tensors
+    (bias_mask, scale_mask, shift_mask, mult_mask, activations, w0, leaky_slope, leaky_gain,
+     precision, fast_sine, _setting) = ctx.inputs_meta
+    needs_tree = [ctx.needs_input_grad[i] for i in _TENSOR_ARGS]
+    needs = [needs_tree[0]] + [n for group in needs_tree[1:] for n in group]
+    x, weights, biases, scale, shift, mult = _regroup(tensors, ctx.group_sizes)
+    grad_y = torch.zeros_like(x[..., :1].expand(*x.shape[:2], weights[-1].shape[-2])) \
+        if grad_y is None else grad_y
+    grad_jacobian = torch.zeros(*grad_y.shape, x.shape[-1], dtype=grad_y.dtype,
+                                device=grad_y.device) if grad_jacobian is None else grad_jacobian
+    args = (x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
+            mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine)
+    if torch.is_grad_enabled():  # create_graph: differentiable again
+        grads = _jacobian_reference_vjp(_op_inputs(*args, False), grad_y, grad_jacobian, needs,
+                                        create_graph=True)
+    else:
+        raw = torch.ops.nfd_fast.fused_mlp_jacobian_backward(grad_y, grad_jacobian, *args, needs)
+        grads = [g if need else None for g, need in zip(raw, needs)]
+    gx, gw, gb, gs, gt, gm = _regroup(grads, ctx.group_sizes)
+    return (gx, gw, gb, None, gs, None, gt, None, gm, None) + (None,) * 7
+
+
+_fused_mlp_jacobian_op.register_autograd(_jacobian_backward, setup_context=_jacobian_setup_context)
+
+
 # ---------------------------------------------------------------------------- public op
 
 
@@ -726,10 +884,28 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
     tensors = p.tensors()
     # saving the pre-activations only pays when a backward can follow
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    groups = [_present(getattr(p, name)) for name in ("biases", "scale", "shift", "mult")]
-    y, _, _ = torch.ops.nfd_fast.fused_mlp(
-        p.x, p.weights, *groups[0], *groups[1], *groups[2], *groups[3],
-        [ACTIVATIONS.index(a.kind) for a in p.acts], [a.w0 for a in p.acts],
-        p.acts[0].slope, p.acts[0].gain, p.precision, p.fast_sine, p.recompute, save,
-        backend.get_backend())
+    y, _, _ = torch.ops.nfd_fast.fused_mlp(*_op_arguments(p), p.recompute, save,
+                                           backend.get_backend())
     return y.squeeze(0) if p.squeeze_batch else y
+
+
+def _op_arguments(p: MLPInputs) -> tuple:
+    """p as the registered ops' leading arguments (x .. fast_sine)."""
+    groups = [_present(getattr(p, name)) for name in ("biases", "scale", "shift", "mult")]
+    return (p.x, p.weights, *groups[0], *groups[1], *groups[2], *groups[3],
+            [ACTIVATIONS.index(a.kind) for a in p.acts], [a.w0 for a in p.acts],
+            p.acts[0].slope, p.acts[0].gain, p.precision, p.fast_sine)
+
+
+def fused_mlp_with_jacobian(x: torch.Tensor, weights: TensorList,
+                            biases: Optional[TensorList] = None, **options) -> tuple:
+    """The MLP's value and its coordinate Jacobian in one pass: (y, J) with J[..., o, d] =
+    dy_o / dx_d, shapes [N, out] / [N, out, in] (or with a leading B). Arguments as
+    fused_mlp's (recompute aside). The fused kernel carries the in forward-mode tangents
+    through every layer beside the values, so normals and eikonal terms need no backward
+    pass; y and J are differentiable again (through the reference's math) in every input."""
+    if options.pop("recompute", False):
+        raise ValueError("recompute: not an option of fused_mlp_with_jacobian")
+    p = prepare_inputs(x, weights, biases, **options)
+    y, jac = torch.ops.nfd_fast.fused_mlp_jacobian(*_op_arguments(p), backend.get_backend())
+    return (y.squeeze(0), jac.squeeze(0)) if p.squeeze_batch else (y, jac)
