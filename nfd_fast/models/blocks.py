@@ -410,7 +410,7 @@ def plot_rows(out: str, rows: Sequence[Tuple[str, Sequence[Tuple[str, torch.Tens
     except ImportError as exc:
         raise RuntimeError("the demo plot needs matplotlib: pip install matplotlib") from exc
     ncols = max(len(panels) for _, panels in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(cell * ncols, cell * len(rows) + 0.6),
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(cell * ncols, cell * len(rows) + 0.8),
                              squeeze=False)
     for r, (label, panels) in enumerate(rows):
         for c in range(ncols):
@@ -429,8 +429,10 @@ def plot_rows(out: str, rows: Sequence[Tuple[str, Sequence[Tuple[str, torch.Tens
                           vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(name, fontsize=7)
         axes[r, 0].set_ylabel(label, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title:  # wrapped to the figure's width (about 14 characters per inch at this size)
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, int(14 * cell * ncols)), fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
