@@ -32,6 +32,7 @@ leaves the pipeline alone, with the reason in the report.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import operator
@@ -334,7 +335,8 @@ def _reduced(node, values, env) -> Optional[Value]:
     """stack(planes, dim).sum / mean / prod(dim): a combine over the stacked planes."""
     src = node.args[0] if node.args else None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if not isinstance(src, fx.Node) or not _is(src, {torch.stack}, set()) or len(src.users) != 1 or node.kwargs.get("keepdim"):
+    if not isinstance(src, fx.Node) or not _is(src, {torch.stack}, set()) or len(src.users) != 1 \
+            or node.kwargs.get("keepdim"):
         return None
     items, sdim = _list_arg(src)
     if dim is None or not isinstance(items, (list, tuple)) or not all(i in values for i in items):
@@ -454,7 +456,7 @@ def grid_pipeline(root, *tensors, spec):
     else:
         coords = coords.reshape(1, -1, coords.shape[-1]).expand(batch, -1, -1)
     ys = []
-    with use_backend(spec["backend"]) if spec["backend"] != "auto" else _nothing():
+    with use_backend(spec["backend"]) if spec["backend"] != "auto" else contextlib.nullcontext():
         for call in spec["calls"]:
             fields = [[tensors[i][0] if shared else tensors[i] for i, shared in scale]
                       for scale in call["fields"]]
@@ -477,14 +479,6 @@ def _bound(spec):
     return lookup_pipeline
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _mode(reads, root_shape, axis_dim):
     """How the lookup's [B, N, D] coordinates come from the root, and each read's
     canonical point index (b * N + n)."""
@@ -505,73 +499,92 @@ def _mode(reads, root_shape, axis_dim):
     raise NotAPipeline("per-sample fields read at points of other samples")
 
 
-def _pipeline(key, reads, env, params, backend):
-    """(replacement spec, field nodes, output nodes, report entries) of the reads that
-    share one coordinate tensor and options."""
+def _pipeline(reads, env, backend):
+    """(replacement spec, field nodes, output nodes, field names) of the reads that share
+    one coordinate tensor and options."""
     first = reads[0]
-    root_shape = tuple(env[first.root].shape)
-    mode, point_shape, batch, canon = _mode(reads, root_shape, first.axis_dim)
+    mode, point_shape, batch, canon = _mode(reads, tuple(env[first.root].shape), first.axis_dim)
+    values, outputs = _values(reads, canon, env)
+    calls, out_specs = _place(outputs, values, env, point_shape, batch)
+    call_specs, field_nodes, field_index = _call_specs(calls)
+    spec = {"maps": _replayable(first.maps), "axis_dim": first.axis_dim, "mode": mode,
+            "batch_field": next((field_index[r.field] for r in reads if not r.shared), None),
+            "calls": call_specs, "outputs": out_specs, "align_corners": first.align_corners,
+            "padding_mode": first.padding_mode, "backend": backend}
+    return spec, field_nodes, outputs, {r.field: r.field_name for r in reads}
+
+
+def _values(reads, canon, env):
+    """The Values from the reads on, in graph order, and those the model uses elsewhere
+    (the outputs the lookup must produce)."""
     values, internal = {}, set()
     for r in reads:
         v = env[r.node]
         pts = canon[r].unsqueeze(1)  # [Bg, 1, *out]
         ch = torch.arange(r.channels).view(1, -1, *[1] * (v.dim() - 2))
         values[r.node] = Value(pts * r.channels + ch, ("factor", r), r.channels)
-    for node in first.node.graph.nodes:  # graph order: inputs before users
+    for node in reads[0].node.graph.nodes:  # graph order: inputs before users
         if node not in values:
             v = _step(node, values, env, internal)
             if v is not None:
                 values[node] = v
     outputs = [n for n in values if any(u not in values and u not in internal for u in n.users)]
-    calls, placed, field_nodes, field_index = {}, {}, [], {}
-    out_specs = []
+    return values, outputs
+
+
+def _place(outputs, values, env, point_shape, batch):
+    """Group the outputs' scales into lookups (one per combine and plane list) and say
+    where each output's channels lie: calls {(combine, planes): scales}, and per output
+    ([(call, start, stop)], recipe, size-1 dims, channels_first)."""
+    calls, placed, out_specs = {}, {}, []
     for n in outputs:
-        v = values[n]
-        layout = _layout(v, env[n].shape, point_shape, batch)
+        layout = _layout(values[n], env[n].shape, point_shape, batch)
         if layout is None:
             raise NotAPipeline(f"its features reach {_describe(n)} in a layout that is neither points x "
                                "channels nor channels-first")
         pieces = []
-        for scale in _scales(v.struct):
+        for scale in _scales(values[n].struct):
             ident = tuple(r.node for r in scale.reads)
-            group = calls.setdefault((scale.combine, scale.planes), {"scales": [], "width": 0})
+            scales = calls.setdefault((scale.combine, scale.planes), [])
             if ident not in placed:
-                c = scale.reads[0].channels
-                width = c * (len(scale.reads) if scale.combine == "concat" else 1)
-                placed[ident] = (list(calls).index((scale.combine, scale.planes)), group["width"], width)
-                group["scales"].append(scale)
-                group["width"] += width
+                width = scale.reads[0].channels * (len(scale.reads) if scale.combine == "concat" else 1)
+                start = sum(placed[tuple(r.node for r in s.reads)][2] for s in scales)
+                placed[ident] = (list(calls).index((scale.combine, scale.planes)), start, width)
+                scales.append(scale)
             call, start, width = placed[ident]
             if pieces and pieces[-1][0] == call and pieces[-1][2] == start:
-                pieces[-1] = (call, pieces[-1][1], start + width)
+                pieces[-1] = (call, pieces[-1][1], start + width)  # consecutive: one slice
             else:
                 pieces.append((call, start, start + width))
         out_specs.append((pieces, *layout))
-    call_specs = []
-    for (combine, planes), group in calls.items():
+    return calls, out_specs
+
+
+def _call_specs(calls):
+    """Per lookup: fields as (index into the field list, shared), planes, combine."""
+    specs, field_nodes, field_index = [], [], {}
+    for (combine, planes), scales in calls.items():
         fields = []
-        for scale in group["scales"]:
-            row = []
+        for scale in scales:
             for r in scale.reads:
                 if r.field not in field_index:
                     field_index[r.field] = len(field_nodes)
                     field_nodes.append(r.field)
-                row.append((field_index[r.field], r.shared))
-            fields.append(row)
-        call_specs.append({"fields": fields, "planes": [list(p) for p in planes],
-                           "combine": "sum" if combine == "single" else combine})
-    batch_field = next((field_index[r.field] for r in reads if not r.shared), None)
-    maps = []
-    for m in first.maps:
+            fields.append([(field_index[r.field], r.shared) for r in scale.reads])
+        specs.append({"fields": fields, "planes": [list(p) for p in planes],
+                      "combine": "sum" if combine == "single" else combine})
+    return specs, field_nodes, field_index
+
+
+def _replayable(maps):
+    """The coordinate maps as (op, target, constant args, kwargs, position of the tensor)."""
+    out = []
+    for m in maps:
         pos = next((i for i, a in enumerate(m.args) if isinstance(a, fx.Node)), None)
         if pos is None:
             raise NotAPipeline(f"the coordinates go through {_describe(m)} with the tensor as a keyword")
-        maps.append((m.op, m.target, tuple(a for a in m.args if not isinstance(a, fx.Node)), dict(m.kwargs), pos))
-    spec = {"maps": maps, "axis_dim": first.axis_dim, "mode": mode, "batch_field": batch_field,
-            "calls": call_specs, "outputs": out_specs, "align_corners": first.align_corners,
-            "padding_mode": first.padding_mode, "backend": backend}
-    names = {r.field: r.field_name for r in reads}
-    return spec, field_nodes, outputs, names
+        out.append((m.op, m.target, tuple(a for a in m.args if not isinstance(a, fx.Node)), dict(m.kwargs), pos))
+    return out
 
 
 def _check(spec, root, field_nodes, outputs, env):
@@ -598,9 +611,9 @@ def fuse_grids(gm: fx.GraphModule, env: dict, params: dict, report, backend: str
                 continue
             reads[node] = r
             groups.setdefault(r.key, []).append(r)
-    for key, group in groups.items():
+    for group in groups.values():
         try:
-            spec, field_nodes, outputs, names = _pipeline(key, group, env, params, backend)
+            spec, field_nodes, outputs, names = _pipeline(group, env, backend)
             _check(spec, group[0].root, field_nodes, outputs, env)
         except NotAPipeline as why:
             report.leave(", ".join(f"grid_sample {r.node.name}" for r in group), str(why))

@@ -230,6 +230,8 @@ def test_einops_siren_with_optional_modulation():
     with HotPathCounter() as counter:  # the check itself sees eager sines
         reference(coords)
     assert counter.counts["sin"] == 3
+    target = torch.rand(2, 3, 5, 7, device=DEVICE)
+    assert_same_training(model, reference, lambda m: ((m(coords, mods) - target) ** 2).mean())
 
 
 @pytest.mark.parametrize("style", ["siren_wrapper", "functa"])
