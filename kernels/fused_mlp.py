@@ -50,11 +50,16 @@ _PI = tl.constexpr(3.141592653589793)
 _HALF_PI = tl.constexpr(1.5707963267948966)
 
 
+# fast_sine's domain: k * _TWO_PI_HI is exact for |k| < 2^16, i.e. |x| < 2^16 * 2 pi
+FAST_SINE_BOUND = tl.constexpr(4.0e5)
+
+
 @triton.jit
 def _fast_sin(x):
     """sin(x) by Cody-Waite reduction to [-pi, pi], a fold to [-pi/2, pi/2] and the
     degree-11 Taylor polynomial (truncation error < 6e-8 there). Cheaper than libdevice's
-    sinf, which also carries a Payne-Hanek path for huge arguments."""
+    sinf, which also carries a Payne-Hanek path for huge arguments. Beyond
+    FAST_SINE_BOUND the reduction loses the argument: NaN there, never a wrong number."""
     k = tl.floor(x * _INV_2PI + 0.5)
     r = (x - k * _TWO_PI_HI) - k * _TWO_PI_LO
     r = tl.where(r > _HALF_PI, _PI - r, r)
@@ -65,7 +70,7 @@ def _fast_sin(x):
     p = p * r2 - 1.984126984126984e-04
     p = p * r2 + 8.333333333333333e-03
     p = p * r2 - 1.6666666666666666e-01
-    return r + r * r2 * p
+    return tl.where(tl.abs(x) <= FAST_SINE_BOUND, r + r * r2 * p, float("nan"))
 
 
 @triton.jit
@@ -91,7 +96,7 @@ def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
     if ACT == SINE:
         a = _sin(w0 * u, FAST_SINE)
     elif ACT == RELU:
-        a = tl.maximum(u, 0.0)
+        a = tl.where(u != u, u, tl.maximum(u, 0.0))  # NaN in, NaN out (maximum drops it)
     elif ACT == LEAKY_RELU:
         a = gain * tl.where(u >= 0.0, u, slope * u)
     elif ACT == GELU:  # exact, erf form, as torch's default
@@ -112,7 +117,7 @@ def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constex
         # cos(t) = sin(t + pi/2): the same (fast) sine keeps forward and backward consistent
         da = w0 * _sin(w0 * u + 1.5707963267948966, FAST_SINE)
     elif ACT == RELU:
-        a = tl.maximum(u, 0.0)
+        a = tl.where(u != u, u, tl.maximum(u, 0.0))
         da = tl.where(u > 0.0, 1.0, 0.0)
     elif ACT == LEAKY_RELU:
         a = gain * tl.where(u >= 0.0, u, slope * u)

@@ -203,6 +203,16 @@ def test_fast_sine_error():
     assert (y.double() - torch.sin(x.double())).abs().max().item() < 4e-7
 
 
+def test_fast_sine_is_nan_beyond_its_domain_never_wrong():
+    """Past the exact range reduction (|w0 u| > 4e5) fast_sine gives NaN, not a number."""
+    x = torch.tensor([[3.9e5], [-3.9e5], [4.1e5], [1e6], [-3e7], [1e10]], device=DEVICE)
+    eye = torch.ones(1, 1, device=DEVICE)
+    with nfd_fast.use_backend("triton"):
+        y = fused_mlp(x, [eye, eye], activation="sine", w0=1.0, fast_sine=True)
+    assert (y[:2].double() - torch.sin(x[:2].double())).abs().max().item() < 1e-3
+    assert torch.isnan(y[2:]).all()
+
+
 # --------------------------------------------------------------------- edge behaviour
 
 
@@ -232,14 +242,26 @@ def test_empty_batch_returns_empty():
     assert p.weights[0].grad is not None and not p.weights[0].grad.any()
 
 
-def test_nan_in_gives_nan_out():
-    p = make_problem((2, 32, 32, 3), n=20)
+@pytest.mark.parametrize("activation", ["sine", "relu"])
+def test_nan_in_gives_nan_out(activation):
+    p = make_problem((2, 32, 32, 3), n=20, activation=activation)
     x = p.x.detach().clone()
     x[5, 1] = float("nan")
     with nfd_fast.use_backend("triton"):
         y = fused_mlp(x, p.weights, p.biases, **p.options)
     assert torch.isnan(y[5]).all()
     assert torch.isfinite(torch.cat([y[:5], y[6:]])).all()
+
+
+@pytest.mark.parametrize("final_activation", ["identity", "relu"])
+def test_nan_weight_gives_nan_out(final_activation):
+    """ReLU must not turn a NaN into 0 (tl.maximum would): a NaN weight poisons the output."""
+    p = make_problem((2, 16, 3), n=9, activation="relu", final_activation=final_activation)
+    weights = [w.detach().clone() for w in p.weights]
+    weights[0][3, 1] = float("nan")
+    with nfd_fast.use_backend("triton"):
+        y = fused_mlp(p.x.detach(), weights, [b.detach() for b in p.biases], **p.options)
+    assert torch.isnan(y).any()
 
 
 def test_unbatched_matches_batch_of_one():
