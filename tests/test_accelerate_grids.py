@@ -198,8 +198,10 @@ def test_kplanes_field():
     target = torch.rand(3, 5, 4)
     assert_same_training(model, reference,
                          lambda m: ((m(*(theirs if m is reference else ours)) - target) ** 2).mean())
-    more = torch.rand(4, 7, 3) * 2 - 1, torch.rand(4) * 2 - 1  # other sizes: captured again
-    assert rel_err(model(*more), reference(*more)) < 1e-4
+    more = torch.rand(4, 7, 3) * 2 - 1, torch.rand(4) * 2 - 1  # other sizes: captured again,
+    assert rel_err(model(*more), reference(*more)) < 1e-4      # with dynamic sizes
+    assert _grid_samples(model, *more) == 0 and report.captures == 2
+    assert not [name for name, _ in report.left_alone if name.startswith("captured graph")]
 
 
 def test_triplane_occupancy():
