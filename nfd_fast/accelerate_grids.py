@@ -11,9 +11,14 @@ DDMI's decoders) compute with one F.grid_sample per plane and scale:
   elementwise maps by constants (x / 1.1 + 0.5, 2 x - 1, .float()), the same for every
   plane of the pipeline. The axis of c that holds the coordinates may be any (DDMI's
   [B, 2, H, W] grids too).
-- field[s][p]: a parameter (or buffer), possibly unsqueezed / expanded / repeated over
-  the batch, read as one shared [C, H, W] / [C, D, H, W] field; or any other tensor
-  [B, C, ...], read as a per-sample field.
+- field[s][p]: grid_sample's input [B, C, (D,) H, W]. When it is the same for every b by
+  construction (a parameter or buffer, possibly sliced, unsqueezed or expanded over the
+  batch), the lookup reads field[0] as one shared [C, (D,) H, W] field (a view of the
+  parameter, so its gradient lands there); otherwise it is a per-sample field, read
+  where sample b's points read it.
+- coordinates to lookup points: shared fields take every point of c as one batch;
+  per-sample fields take c's first dimension as the batch, or (when all samples read
+  the same points) c's points for every sample.
 - bilinear (trilinear for volumes), padding "border" or "zeros", either align_corners.
 - combine: + (sum; also a running `0 + ...` or `+=`), * (product; also `1. * ...`),
   mean (a sum divided by the number of planes, or stack(...).mean(dim)), torch.cat over

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange  # a test dependency: the code under test is einops code
 from torch import nn
 
-from nfd_fast.accelerate import accelerate
+from nfd_fast.accelerate import accelerate, deaccelerate
 
 from conftest import DEVICE, rel_err
 
@@ -289,6 +289,8 @@ def test_capture_on_first_call_and_report_says_so():
     model(torch.rand(2, 4, 2) * 2 - 1, latent=torch.randn(2, 5))
     assert "captured on its first call" not in str(model.acceleration_report)
     assert model.acceleration_report.replaced
+    deaccelerate(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "acceleration_report")
 
 
 def test_kernel_backend_on_the_captured_graph():
