@@ -148,12 +148,16 @@ class _FxForward:
         self.report.captures += 1
 
     def __call__(self, *args, **kwargs):
-        if any(m.__dict__.get(k, _MISSING) != v for m, k, v in self.state):
+        if any(_changed(m.__dict__.get(k, _MISSING), v) for m, k, v in self.state):
             self._rewrite(_Tracer().trace(self.model))
         return self.gm(*args, **kwargs)
 
 
 _MISSING = object()
+
+
+def _changed(now, then) -> bool:
+    return now is not then and now != then  # identity first: an unchanged NaN equals itself
 
 
 def _attribute(gm, target):
