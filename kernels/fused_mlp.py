@@ -236,7 +236,7 @@ def _store_jacobian(z, tz, cols, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT, l
 def fused_mlp_fwd_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr, y_ptr, z_ptr, zf_ptr, j_ptr,
     gsize_ptr, gaffine_ptr, lin0,
-    N, IN, OUT, M,
+    N, IN, OUT, M, row_tiles,
     stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
     NUM_LAYERS: tl.constexpr, D: tl.constexpr,
     IN_PAD: tl.constexpr, HID_PAD: tl.constexpr, OUT_PAD: tl.constexpr,
@@ -245,7 +245,9 @@ def fused_mlp_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
     GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0, TANGENTS: tl.constexpr = 0,
 ):
-    """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows of sample b = program_id(1).
+    """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows. Programs run along grid
+    axis 0 only (CUDA allows 2^31 - 1 there, 65,535 on axes 1 and 2): program pid is row
+    tile pid % row_tiles of sample pid // row_tiles.
 
     TANGENTS > 0 (a power of two >= IN): forward-mode tangents along each input axis are
     carried through every layer beside the values, stacked as TANGENTS extra blocks of
@@ -260,8 +262,9 @@ def fused_mlp_fwd_kernel(
     float32) and, given zf_ptr, z_{L-1} of an activated output layer ([M, OUT]);
     backward recomputes everything else from them.
     """
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // row_tiles
+    pid_m = pid % row_tiles
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     # int64: M * width passes 2^31 for a gigapixel image
@@ -378,7 +381,7 @@ def _store_output(z, cols, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, layer,
 def fused_mlp_bwd_layer_kernel(
     dz_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr,
     dst_ptr, h_ptr, part_ptr,
-    N, M, C, layer, stride_wb, stride_sb, stride_tb, stride_mb,
+    N, M, C, layer, row_tiles, stride_wb, stride_sb, stride_tb, stride_mb,
     K: tl.constexpr, D: tl.constexpr, HID_PAD: tl.constexpr, ACT: tl.constexpr,
     HIDDEN: tl.constexpr, FAST_SINE: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
@@ -393,9 +396,10 @@ def fused_mlp_bwd_layer_kernel(
     bias, shift, scale and mult) go to part_ptr [4, B, T, HID_PAD] without atomics, so the
     result is deterministic and shared parameters cause no atomic contention.
     """
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # (sample, row tile) on axis 0: no 65,535 limit
+    b = pid // row_tiles
+    pid_m = pid % row_tiles
     pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     grow = b * N + rows.to(tl.int64)
@@ -438,9 +442,8 @@ def fused_mlp_bwd_layer_kernel(
         dmult = tl.where(row_ok[:, None], dmult, 0.0)
         tl.store(dst_ptr + offs, dz_out, mask=row_ok[:, None])
         tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
-        T = tl.num_programs(0)
-        plane = tl.num_programs(2) * T * HID_PAD
-        part = part_ptr + (b * T + pid_m) * HID_PAD + cols
+        plane = tl.num_programs(0) * HID_PAD  # B * row_tiles rows of HID_PAD per plane
+        part = part_ptr + pid * HID_PAD + cols
         tl.store(part, tl.sum(dz_out, 0))
         tl.store(part + plane, tl.sum(du, 0))
         tl.store(part + 2 * plane, tl.sum(du * z, 0))

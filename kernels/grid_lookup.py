@@ -148,15 +148,18 @@ def _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
 
 @triton.jit
 def grid_lookup_fwd_kernel(
-    coords_ptr, table_ptr, out_ptr, N, F, C, col0, D: tl.constexpr,
+    coords_ptr, table_ptr, out_ptr, N, F, C, col0, point_tiles, D: tl.constexpr,
     P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
     ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[b, n, col0 + ...] = combine over the P factors of this scale."""
-    pid_n = tl.program_id(0)
+    """out[b, n, col0 + ...] = combine over the P factors of this scale. Program
+    (pid, pid_c): point tile pid % point_tiles of sample pid // point_tiles (the batch on
+    axis 0, which CUDA allows 2^31 - 1 programs), channel block pid_c."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // point_tiles
+    pid_n = pid % point_tiles
     pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = n < N
     prow = b * N + n.to(tl.int64)
@@ -187,7 +190,7 @@ def grid_lookup_fwd_kernel(
 @triton.jit
 def grid_lookup_bwd_kernel(
     coords_ptr, table_ptr, grad_table_ptr, grad_out_ptr, dcoords_ptr, perm_ptr, N, F, C, col0,
-    D: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
+    point_tiles, D: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
     ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -202,9 +205,10 @@ def grid_lookup_bwd_kernel(
 
     Given perm_ptr, the program's points are perm[b, n] (each sample's points ordered by grid
     cell), so a block's atomics land on few, nearby field cells instead of scattering."""
-    pid_n = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # programs as in the forward
+    b = pid // point_tiles
+    pid_n = pid % point_tiles
     pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = n < N
     if perm_ptr is not None:

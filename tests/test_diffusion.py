@@ -466,3 +466,45 @@ def test_empty_batch():
     with nfd_fast.use_backend("triton"):
         out, x0 = ddim_step(x, 5, 0, x, s)
     assert out.shape == (0, 5) and x0.shape == (0, 5)
+
+
+def test_sampler_loop_reads_only_tables_built_before_capture(monkeypatch):
+    """What a captured CUDA graph replays must not read host memory copied during capture:
+    after one warm-up run of the loop (the Sampler runs one before capturing), a second
+    run builds no table and copies nothing from the host, with a denoiser that calls
+    grid_lookup (its table of field addresses) and fused_mlp (its activation table)."""
+    import sys
+
+    from nfd_fast.nn import FusedMLP, MultiScaleField
+    from nfd_fast.ops._device import _constant_table
+
+    torch.manual_seed(0)
+    field = MultiScaleField([(0, 1)], [5], 3).to(DEVICE)
+    mlp = FusedMLP(3 + 2, 16, 2, 1, activation="silu").to(DEVICE)
+
+    def denoiser(x, t, cond):
+        features = field(x.tanh())
+        return mlp(torch.cat([x, features], dim=-1))
+
+    sched = NoiseSchedule("linear", 20, device=DEVICE)
+    sampler = Sampler(denoiser, (2, 7, 2), sched, method="ddpm", steps=4, cuda_graph=False)
+    x = torch.randn(2, 7, 2, device=DEVICE)
+    seeds = torch.arange(4, device=DEVICE) + 11
+    host_copies = []
+    real_tensor = torch.tensor
+
+    def recording_tensor(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("nfd_fast"):
+            host_copies.append(caller)
+        return real_tensor(*args, **kwargs)
+
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        warm = sampler._loop(x, seeds)  # builds every table
+        misses = _constant_table.cache_info().misses
+        monkeypatch.setattr(torch, "tensor", recording_tensor)
+        again = sampler._loop(x, seeds)
+        monkeypatch.setattr(torch, "tensor", real_tensor)
+    assert _constant_table.cache_info().misses == misses
+    assert host_copies == []
+    assert torch.equal(warm, again)  # same seeds, same in-kernel noise

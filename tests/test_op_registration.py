@@ -506,3 +506,48 @@ def test_value_and_jacobian_compiles_fullgraph():
     siren = Siren(2, 16, 1, 1).to(DEVICE)
     with nfd_fast.use_backend("triton"):
         compile_and_compare(lambda x: siren.value_and_jacobian(x), rand(11, 2, seed=1))
+
+
+# ------------------------------------------------------------- launch grids within CUDA's limits
+
+
+def test_huge_batches_keep_every_grid_axis_within_cuda_limits(monkeypatch):
+    """CUDA allows 2^31 - 1 programs on grid axis 0 and 65,535 on axes 1 and 2: every
+    kernel puts the batch on axis 0. The launches are recorded, not run (70,000 programs
+    would take the interpreter minutes)."""
+    from nfd_fast.kernels import diffusion as KD
+    from nfd_fast.kernels import fused_mlp as KM
+    from nfd_fast.kernels import grid_lookup as KG
+
+    grids = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append((self.name, tuple(grid)))
+            return launch
+
+    for module in (KD, KM, KG):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Recorder(name))
+    B = 70_000
+    sched = NoiseSchedule("linear", 10)
+    x = torch.randn(B, 2, 2, requires_grad=True)
+    with nfd_fast.use_backend("triton"):
+        ddpm_step(x, 5, x, sched, generator=torch.Generator().manual_seed(0))
+        weights = [torch.randn(B, 16, 2, requires_grad=True), torch.randn(3, 16, requires_grad=True)]
+        y = fused_mlp(x, weights)
+        y.sum().backward()
+        field = torch.randn(B, 4, 3, 3, requires_grad=True)
+        out = grid_lookup(x, [[field]], [(0, 1)])
+        out.sum().backward()
+    names = {name for name, _ in grids}
+    assert {"diffusion_step_kernel", "fused_mlp_fwd_kernel", "fused_mlp_bwd_layer_kernel",
+            "grid_lookup_fwd_kernel", "grid_lookup_bwd_kernel"} <= names
+    for name, grid in grids:
+        assert grid[0] >= B and grid[0] < 2**31, (name, grid)
+        assert all(g <= 65_535 for g in grid[1:]), (name, grid)

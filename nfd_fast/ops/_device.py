@@ -14,20 +14,16 @@ def pad_pow2(n: int, minimum: int = 16) -> int:
 
 def constant_table(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     """A small read-only table on `device`, built on first use and then reused: later
-    calls copy nothing from the host (no host sync, and legal inside CUDA-graph capture)."""
+    calls with the same values copy nothing from the host (no host sync, and legal inside
+    CUDA-graph capture once a warm-up run has built it; the tensor lives as long as the
+    cache keeps it, so a captured graph reads the same memory at every replay).
+
+    The kernels' per-call tables go through here too (grid_lookup's table of field
+    addresses and strides): a training loop or a sampling loop calls with the same
+    tensors every step, so it hits the cache."""
     return _constant_table(values, dtype, torch.device(device))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _constant_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
-
-
-def host_table(rows, dtype: torch.dtype, device) -> torch.Tensor:
-    """A per-call table on `device`. On CUDA it goes through pinned memory with a
-    non-blocking copy, so the host does not wait for the GPU's queue to drain."""
-    device = torch.device(device)
-    table = torch.tensor(rows, dtype=dtype)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)

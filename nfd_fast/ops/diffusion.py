@@ -44,7 +44,6 @@ import torch
 
 from .. import backend
 from ._autograd import empty_f32, reference_vjp
-from ._device import host_table
 
 # MODES, PREDICTION_TYPES: the index of a name is its code in kernels/diffusion.py
 MODES = ("q_sample", "ddpm", "ddim", "langevin", "vp_predictor", "noise_sumsq", "noise_draw")
@@ -412,7 +411,7 @@ def _seed(x: torch.Tensor, generator, seed=None) -> torch.Tensor:
     if seed is not None:
         if isinstance(seed, torch.Tensor):
             return seed.reshape(1).to(device=x.device, dtype=torch.int64)
-        return host_table([int(seed)], torch.int64, x.device)
+        return torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
     dev = generator.device if generator is not None else x.device
     seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=dev, dtype=torch.int64)
     return seed.to(x.device)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._autograd import empty_f32, reference_vjp, zeros_where_absent
-from ._device import constant_table, host_table, pad_pow2
+from ._device import constant_table, pad_pow2
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
@@ -451,11 +451,12 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
     jac = torch.empty(B, N, OUT, IN, device=dev, dtype=p.x.dtype) if jacobian else None
     dot_kind, prec = _dot_config(p.precision)
     sizes, affine, axes, start = coord_grid or (None, None, 0, 0)
-    grid = (triton.cdiv(N, g.block_m), B)
-    K.fused_mlp_fwd_kernel[grid](
+    row_tiles = triton.cdiv(N, g.block_m)
+    K.fused_mlp_fwd_kernel[(B * row_tiles,)](
         None if coord_grid else p.x.contiguous(), packed.weights, packed.bias, packed.scale,
         packed.shift, packed.mult, packed.act, y, z, zf, jac, sizes, affine, start,
-        N, IN, OUT, M, _stride0(packed.weights), _stride0(packed.bias), _stride0(packed.scale),
+        N, IN, OUT, M, row_tiles, _stride0(packed.weights), _stride0(packed.bias),
+        _stride0(packed.scale),
         _stride0(packed.shift), _stride0(packed.mult),
         NUM_LAYERS=L, D=g.d, IN_PAD=g.in_pad, HID_PAD=g.hid_pad, OUT_PAD=g.out_pad,
         ACTS=_hidden_act_codes(p), FINAL_ACT=final_act, FAST_SINE=p.fast_sine,
@@ -486,10 +487,9 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
     h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else None
     part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else None
     dot_kind, prec = _dot_config(p.precision)
-    grid = (tiles, triton.cdiv(cols, block_n), B)
-    K.fused_mlp_bwd_layer_kernel[grid](
+    K.fused_mlp_bwd_layer_kernel[(B * tiles, triton.cdiv(cols, block_n))](
         dz, packed.weights, z if hidden else None, packed.scale, packed.shift, packed.mult,
-        packed.act, dst, h, part, N, M, cols, layer, _stride0(packed.weights),
+        packed.act, dst, h, part, N, M, cols, layer, tiles, _stride0(packed.weights),
         _stride0(packed.scale), _stride0(packed.shift), _stride0(packed.mult),
         K=dz.shape[1], D=g.d, HID_PAD=g.hid_pad,
         ACT=ACTIVATIONS.index(p.acts[layer].kind) if hidden else 0, HIDDEN=hidden,
@@ -586,8 +586,8 @@ def fused_mlp_grid_evaluator(arguments: dict, sizes: Sequence[int], affine, axes
     axes_field = 0
     for c, a in enumerate(axes):
         axes_field |= a << (2 * c)
-    sizes_t = host_table(list(sizes), torch.int64, device)
-    affine_t = host_table([list(row) for row in affine], torch.float32, device)
+    sizes_t = torch.tensor(list(sizes), dtype=torch.int64, device=device)
+    affine_t = torch.tensor([list(row) for row in affine], dtype=torch.float32, device=device)
     g = _Geometry.of(p0.widths(), p0.precision)
     packed = _pack_params(p0, g)
 

@@ -38,7 +38,7 @@ import torch
 
 from .. import backend
 from ._autograd import reference_vjp, zeros_where_absent
-from ._device import host_table, pad_pow2
+from ._device import constant_table, pad_pow2
 
 COMBINES = ("sum", "product", "mean", "concat")
 PADDING_MODES = ("border", "zeros")
@@ -214,8 +214,8 @@ def _table(tensors, planes, batch: int) -> torch.Tensor:
         # grid_sample order: the last dimension is x (width), then y (height), then z (depth)
         sizes = spatial[::-1] + [1] * (3 - len(axes))
         strides = sp_strides[::-1] + [0] * (3 - len(axes))
-        rows.append([t.data_ptr(), *sizes, sb, st[-rank], *strides])
-    return host_table(rows, torch.int64, tensors[0].device)
+        rows.append((t.data_ptr(), *sizes, sb, st[-rank], *strides))
+    return constant_table(tuple(rows), torch.int64, tensors[0].device)
 
 
 def _kernel_dtype(dtype):
@@ -230,12 +230,14 @@ BLOCK_N, MAX_BLOCK_C, NUM_WARPS = 32, 64, 8
 
 
 def _launch_grid(coords, C):
-    """(grid, BLOCK_N, BLOCK_C) of one scale's launch."""
+    """(grid, point tiles per sample, BLOCK_N, BLOCK_C) of one scale's launch: samples
+    and point tiles on axis 0, channel blocks on axis 1."""
     from triton import cdiv
 
     B, N, _ = coords.shape
     block_c = min(MAX_BLOCK_C, pad_pow2(C))
-    return (cdiv(N, BLOCK_N), cdiv(C, block_c), B), BLOCK_N, block_c
+    tiles = cdiv(N, BLOCK_N)
+    return (B * tiles, cdiv(C, block_c)), tiles, BLOCK_N, block_c
 
 
 def _cell_order(coords: torch.Tensor, field: torch.Tensor, axes, align_corners: bool) -> torch.Tensor:
@@ -261,10 +263,10 @@ def kernel_forward(spec: _Spec, coords: torch.Tensor, flat) -> torch.Tensor:
     out = torch.empty(B, N, width, device=coords.device, dtype=flat[0].dtype)
     for s in range(spec.num_scales):
         scale = flat[s * P:(s + 1) * P]
-        grid, block_n, block_c = _launch_grid(coords, spec.channels[s])
+        grid, tiles, block_n, block_c = _launch_grid(coords, spec.channels[s])
         K.grid_lookup_fwd_kernel[grid](
             coords, _table(scale, spec.planes, B), out, N, width, spec.channels[s], cols[s],
-            D=D, BLOCK_N=block_n, BLOCK_C=block_c, **spec.kernel_options(flat[0].dtype))
+            tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c, **spec.kernel_options(flat[0].dtype))
     return out
 
 
@@ -288,10 +290,10 @@ def kernel_backward(spec: _Spec, grad_out, coords, flat, needs) -> list:
     for s in range(spec.num_scales):
         scale = flat[s * P:(s + 1) * P]
         grad_table = _table(dfields[s * P:(s + 1) * P], spec.planes, B) if need_fields else None
-        grid, block_n, block_c = _launch_grid(coords, spec.channels[s])
+        grid, tiles, block_n, block_c = _launch_grid(coords, spec.channels[s])
         K.grid_lookup_bwd_kernel[grid](
             coords, _table(scale, spec.planes, B), grad_table, grad_out, dcoords, perm, N, width,
-            spec.channels[s], cols[s], D=D, BLOCK_N=block_n, BLOCK_C=block_c,
+            spec.channels[s], cols[s], tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c,
             **spec.kernel_options(flat[0].dtype))
     grads = [dcoords.view(B, N, D).to(coords.dtype) if needs[0] else None]
     grads += [g.to(f.dtype) if need else None for g, f, need in
