@@ -22,12 +22,16 @@ setup(
     package_dir={"nfd_fast.kernels": "kernels", "nfd_fast.benchmarks": "benchmarks"},
     package_data={"nfd_fast": ["py.typed"]},
     # torch is not pinned: a GPU user keeps the CUDA build they already have.
-    # tqdm: progress bars; pillow: PNG previews and images for `nfd-fast fit`
-    install_requires=["torch>=2.1", "numpy", "tqdm", "pillow"],
+    # tqdm: progress bars; pillow: PNG previews and images for `nfd-fast fit`; matplotlib:
+    # the demos' figures and the benchmark chart; scipy: the approach models' scattered-data
+    # interpolation baselines
+    install_requires=["torch>=2.1", "numpy", "tqdm", "pillow", "matplotlib", "scipy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        # matplotlib draws the benchmark bar chart (`nfd-fast bench --png`)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "ninja", "matplotlib"],
+        # einops: the tests write public SIREN code the way it is written (with einops) to
+        # check accelerate on it; hypothesis: property-based tests of the ops
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "ninja", "einops",
+                 "hypothesis"],
     },
     entry_points={"console_scripts": ["nfd-fast=nfd_fast.cli:main"]},
 )
