@@ -73,13 +73,14 @@ def _x0_and_eps(out, x, a_t, PRED: tl.constexpr):
 def diffusion_step_kernel(
     out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, noise_ptr, seed_ptr,
     t_ptr, prev_ptr, ac_ptr, betas_ptr, thresh_ptr, step_ptr, sumsq_ptr,
-    S, blocks_per_sample, guidance, eta, clip_lo, clip_hi,
+    S, blocks_per_sample, T, guidance, eta, clip_lo, clip_hi,
     MODE: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr,
     FIXED_LARGE: tl.constexpr, ALPHA_ONE: tl.constexpr, CLIPPED_EPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Absent inputs (uncond for guidance, noise, seed, prev, thresholds, step, sumsq,
-    out2) are None pointers: their code is compiled out."""
+    out2) are None pointers: their code is compiled out. T is the schedule's length: a
+    timestep outside it (validation skipped) gives NaN, never another entry's value."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // blocks_per_sample
     cols = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
@@ -93,7 +94,7 @@ def diffusion_step_kernel(
         tl.store(out_ptr + offs, z, mask=mask)
     else:
         _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_ptr,
-              betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, guidance, eta, clip_lo,
+              betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, T, guidance, eta, clip_lo,
               clip_hi, MODE, PRED, CLIP, FIXED_LARGE, ALPHA_ONE, CLIPPED_EPS)
 
 
@@ -104,14 +105,15 @@ def _clamp(v, lo, hi):
 
 
 @triton.jit
-def _store(ptr, offs, v, mask):
+def _store(ptr, offs, v, mask, poison):
+    """v (+ poison: 0, or NaN for an invalid timestep) to ptr, unless ptr is None."""
     if ptr is not None:
-        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + offs, (v + poison).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_ptr,
-          betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, guidance, eta, clip_lo, clip_hi,
+          betas_ptr, thresh_ptr, step_ptr, offs, mask, z, b, T, guidance, eta, clip_lo, clip_hi,
           MODE: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr,
           FIXED_LARGE: tl.constexpr, ALPHA_ONE: tl.constexpr, CLIPPED_EPS: tl.constexpr):
     """The elementwise update of every mode but NOISE_SUMSQ, for one block of elements."""
@@ -122,22 +124,27 @@ def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_p
         m = u + guidance * (m - u)
 
     t = tl.load(t_ptr + b)
+    t_ok = (t >= 0) & (t < T)
+    if prev_ptr is not None:
+        t_ok = t_ok & (tl.load(prev_ptr + b) < T)
+    poison = tl.where(t_ok, 0.0, float("nan"))
+    t = tl.where(t_ok, t, 0)
     if MODE == Q_SAMPLE:  # x is x0, m is the noise
         a_t = tl.load(ac_ptr + t)
         sa = tl.sqrt(a_t)
         sb = tl.sqrt(1.0 - a_t)
-        _store(out_ptr, offs, sa * x + sb * m, mask)
-        _store(out2_ptr, offs, sa * m - sb * x, mask)
+        _store(out_ptr, offs, sa * x + sb * m, mask, poison)
+        _store(out2_ptr, offs, sa * m - sb * x, mask, poison)
     elif MODE == LANGEVIN:  # m is the score, step from the per-sample step buffer
         step = tl.load(step_ptr + b)
         x_mean = x + step * m
-        _store(out_ptr, offs, x_mean + tl.sqrt(2.0 * step) * z, mask)
-        _store(out2_ptr, offs, x_mean, mask)
+        _store(out_ptr, offs, x_mean + tl.sqrt(2.0 * step) * z, mask, poison)
+        _store(out2_ptr, offs, x_mean, mask, poison)
     elif MODE == VP_PREDICTOR:  # reverse diffusion: m is the score
         beta = tl.load(betas_ptr + t)
         x_mean = (2.0 - tl.sqrt(1.0 - beta)) * x + beta * m
-        _store(out_ptr, offs, x_mean + tl.sqrt(beta) * z, mask)
-        _store(out2_ptr, offs, x_mean, mask)
+        _store(out_ptr, offs, x_mean + tl.sqrt(beta) * z, mask, poison)
+        _store(out2_ptr, offs, x_mean, mask, poison)
     else:  # DDPM / DDIM
         a_t = tl.load(ac_ptr + t)
         prev = tl.load(prev_ptr + b)  # DDPM and DDIM always get prev
@@ -145,7 +152,7 @@ def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_p
             final = 1.0
         else:
             final = tl.load(ac_ptr)
-        a_p = tl.where(prev >= 0, tl.load(ac_ptr + tl.maximum(prev, 0)), final)
+        a_p = tl.where(prev >= 0, tl.load(ac_ptr + tl.minimum(tl.maximum(prev, 0), T - 1)), final)
         b_t = 1.0 - a_t
         b_p = 1.0 - a_p
         x0, eps = _x0_and_eps(m, x, a_t, PRED)
@@ -169,5 +176,5 @@ def _step(out_ptr, out2_ptr, x_ptr, model_ptr, uncond_ptr, t_ptr, prev_ptr, ac_p
             sigma = eta * tl.sqrt((b_p / b_t) * (1.0 - a_t / a_p))
             x_prev = tl.sqrt(a_p) * x0 + tl.sqrt(tl.maximum(1.0 - a_p - sigma * sigma, 0.0)) * eps
             x_prev += sigma * z
-        _store(out_ptr, offs, x_prev, mask)
-        _store(out2_ptr, offs, x0, mask)
+        _store(out_ptr, offs, x_prev, mask, poison)
+        _store(out2_ptr, offs, x0, mask, poison)

@@ -508,3 +508,32 @@ def test_sampler_loop_reads_only_tables_built_before_capture(monkeypatch):
     assert _constant_table.cache_info().misses == misses
     assert host_copies == []
     assert torch.equal(warm, again)  # same seeds, same in-kernel noise
+
+
+@pytest.mark.parametrize("setting", ["torch", "triton"])
+def test_unvalidated_out_of_range_timesteps_give_nan(setting):
+    """validate=False skips the host check: a timestep outside the schedule must then give
+    NaN for its sample, never another timestep's coefficients (or an out-of-bounds read)."""
+    sched = NoiseSchedule("linear", 50)
+    x, m = torch.randn(3, 8), torch.randn(3, 8)
+    t = torch.tensor([10, 50, 49])
+    prev = torch.tensor([5, 40, 60])
+    with nfd_fast.use_backend(setting):
+        x_prev, x0 = ddim_step(m, t, prev, x, sched, validate=False)
+        x_t = q_sample(x, torch.tensor([3, -1, 70]), m, sched, validate=False)
+    assert torch.isfinite(x_prev[0]).all() and torch.isfinite(x0[0]).all()
+    assert torch.isnan(x_prev[1:]).all()
+    assert torch.isfinite(x_t[0]).all() and torch.isnan(x_t[1:]).all()
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda s, x: ddpm_step(x, 2**70, x, s), ValueError, "int64"),
+    (lambda s, x: ddim_step(x, 5, 1, x, s, dynamic_threshold=0.99), ValueError, "ratio, max_value"),
+    (lambda s, x: ddim_step(x, 5, 1, x, s, dynamic_threshold=(0.9,)), ValueError, "ratio, max_value"),
+    (lambda s, x: ddim_step(x, 5, 1, x, s, uncond_output=x, guidance_scale=torch.ones(3)),
+     TypeError, "guidance_scale"),
+    (lambda s, x: ddim_step(x, 5, 1, x, s, eta=float("nan")), ValueError, "eta"),
+])
+def test_malformed_step_options_raise_clearly(call, error, match):
+    with pytest.raises(error, match=match):
+        call(NoiseSchedule("linear", 10), torch.randn(3, 4))

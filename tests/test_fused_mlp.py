@@ -366,3 +366,9 @@ def test_device_mismatch_raises():
     x = torch.rand(5, 2, device="meta")
     with pytest.raises(ValueError, match=r"weights\[0\]: is on cpu but x is on meta"):
         fused_mlp(x, [torch.randn(16, 2), torch.randn(3, 16)])
+
+
+def test_zero_hidden_width_is_refused():
+    x = torch.rand(5, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="hidden widths must be at least 1"):
+        fused_mlp(x, [torch.rand(0, 2, device=DEVICE), torch.rand(3, 0, device=DEVICE)])

@@ -83,6 +83,8 @@ def _timesteps(t: Timesteps, x: torch.Tensor, schedule, name: str, validate: boo
             raise ValueError(f"{name}: expected an integer tensor of shape [{B}], got {t.dtype} {list(t.shape)}")
         tt = t.to(device=x.device, dtype=torch.int64).expand(B)
     else:
+        if not -2**63 <= t < 2**63:
+            raise ValueError(f"{name}: timestep {t} does not fit in int64")
         tt = torch.full((B,), t, dtype=torch.int64, device=x.device)
     if validate and B > 0:
         # prev_t may be any negative value: it marks the final step
@@ -116,10 +118,22 @@ def _clip_range(clip_sample) -> Optional[Tuple[float, float]]:
 def _check_guidance(model_output, uncond_output, guidance_scale) -> None:
     if (uncond_output is None) != (guidance_scale is None):
         raise ValueError("classifier-free guidance needs both uncond_output and guidance_scale")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool)
+                                       or not isinstance(guidance_scale, (int, float))):
+        raise TypeError(f"guidance_scale: expected a number (one scale for the batch), got "
+                        f"{type(guidance_scale).__name__}; for per-sample scales, combine the "
+                        "outputs yourself and pass model_output alone")
     _check_like(uncond_output, model_output, "uncond_output")
 
 
 # ------------------------------------------------------------------------------ reference
+
+
+def lookup(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """table[t], NaN where t is outside the table (reachable with validate=False): an
+    out-of-range timestep gives NaN, never another timestep's value."""
+    inside = (t >= 0) & (t < table.shape[0])
+    return torch.where(inside, table[t.clamp(0, table.shape[0] - 1)], float("nan"))
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +177,12 @@ def _finish_x0(x0, threshold, clip):
 
 def _alpha_prev(schedule, prev, final):
     ac = schedule.alphas_cumprod
-    return torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.full_like(ac[:1], final)[0])
+    return torch.where(prev >= 0, lookup(ac, prev.clamp(min=0)), torch.full_like(ac[:1], final)[0])
 
 
 def reference_ddpm(m, x, t, prev, schedule, z, pred, clip, threshold, variance_type):
     ac = schedule.alphas_cumprod
-    a_t = _per_sample(ac[t], x)
+    a_t = _per_sample(lookup(ac, t), x)
     a_p = _per_sample(_alpha_prev(schedule, prev, 1.0), x)
     b_t, b_p = 1 - a_t, 1 - a_p
     x0, _ = predict_x0_eps(m, x, a_t, pred)
@@ -184,7 +198,7 @@ def reference_ddpm(m, x, t, prev, schedule, z, pred, clip, threshold, variance_t
 def reference_ddim(m, x, t, prev, schedule, z, pred, clip, threshold, eta, set_alpha_to_one,
                    use_clipped_model_output):
     ac = schedule.alphas_cumprod
-    a_t = _per_sample(ac[t], x)
+    a_t = _per_sample(lookup(ac, t), x)
     final = 1.0 if set_alpha_to_one else float(ac[0])
     a_p = _per_sample(_alpha_prev(schedule, prev, final), x)
     b_t, b_p = 1 - a_t, 1 - a_p
@@ -209,13 +223,13 @@ def reference_step(mode: str, x, model, uncond, z, t, prev, alphas_cumprod, beta
         return z + 0 * xf, None
     m = guided(model, uncond, guidance)
     if mode == "q_sample":  # x is x0, m the noise
-        a = _per_sample(alphas_cumprod[t], x)
+        a = _per_sample(lookup(alphas_cumprod, t), x)
         return a.sqrt() * xf + (1 - a).sqrt() * m, a.sqrt() * m - (1 - a).sqrt() * xf
     if mode == "langevin":
         x_mean = xf + _per_sample(step, x) * m
         return x_mean + _per_sample((2 * step).sqrt(), x) * z, x_mean
     if mode == "vp_predictor":
-        beta = _per_sample(betas[t], x)
+        beta = _per_sample(lookup(betas, t), x)
         x_mean = xf - ((1 - beta).sqrt() * xf - xf - beta * m)
         return x_mean + beta.sqrt() * z, x_mean
     schedule = _Schedule(alphas_cumprod)
@@ -269,7 +283,8 @@ def kernel_step(mode: str, x, model, uncond, noise, seed, t, prev, alphas_cumpro
     K.diffusion_step_kernel[(B * tiles,)](
         None if per_sample else out, out2, c(x), c(model), c(uncond), c(noise), c(seed), c(t),
         c(prev), alphas_cumprod, betas, c(threshold), c(step), out if per_sample else None,
-        S, tiles, float(guidance), float(eta), float(clip[0]) if clip else 0.0,
+        S, tiles, alphas_cumprod.shape[0], float(guidance), float(eta),
+        float(clip[0]) if clip else 0.0,
         float(clip[1]) if clip else 0.0,
         MODE=MODES.index(mode), PRED=PREDICTION_TYPES.index(prediction_type),
         CLIP=clip is not None, FIXED_LARGE=fixed_large, ALPHA_ONE=alpha_one,
@@ -461,8 +476,12 @@ def _step_inputs(model_output, x_t, schedule, uncond_output, guidance_scale, noi
     if clip is not None and dynamic_threshold is not None:
         raise ValueError("give clip_sample or dynamic_threshold, not both")
     if dynamic_threshold is not None:
+        if isinstance(dynamic_threshold, (str, bytes)) or not hasattr(dynamic_threshold, "__len__") \
+                or len(dynamic_threshold) != 2 \
+                or not all(isinstance(v, (int, float)) for v in dynamic_threshold):
+            raise ValueError(f"dynamic_threshold: expected (ratio, max_value), got {dynamic_threshold!r}")
         ratio, max_value = dynamic_threshold
-        if not 0.0 < ratio <= 1.0 or max_value < 1.0:
+        if not (0.0 < ratio <= 1.0 and max_value >= 1.0):
             raise ValueError(f"dynamic_threshold: expected (ratio in (0, 1], max_value >= 1), got {dynamic_threshold}")
     return clip
 
@@ -471,7 +490,7 @@ def _threshold(model_output, uncond_output, guidance_scale, x_t, tt, schedule, p
     """The per-sample dynamic-threshold scale [B] (one extra pass: it needs a quantile)."""
     if dynamic_threshold is None:
         return None
-    a_t = _per_sample(schedule.alphas_cumprod[tt], x_t)
+    a_t = _per_sample(lookup(schedule.alphas_cumprod, tt), x_t)
     x0, _ = predict_x0_eps(guided(model_output, uncond_output, guidance_scale), x_t.float(), a_t, pred)
     return dynamic_threshold_scale(x0, *dynamic_threshold)
 
@@ -561,7 +580,7 @@ def langevin_step(score: torch.Tensor, x: torch.Tensor, t: Timesteps, schedule, 
     if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr}")
     tt = _timesteps(t, x, schedule, "t", validate)
-    alpha = schedule.alphas[tt] if variance_preserving else torch.ones(x.shape[0], device=x.device)
+    alpha = lookup(schedule.alphas, tt) if variance_preserving else torch.ones(x.shape[0], device=x.device)
     noise, seed_t = _noise_inputs(x, noise, generator, None, True, score)
     if noise is not None:
         noise_norm = noise.float().reshape(x.shape[0], -1).norm(dim=1).mean()

@@ -183,6 +183,8 @@ def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first
         _check_tensor(w, f"weights[{l}]", per_sample_shapes((out_f, widths[-1])), x)
         widths.append(out_f)
     hidden, out_features = widths[1:-1], widths[-1]
+    if min(hidden) < 1:
+        raise ValueError(f"weights: hidden widths must be at least 1, got {min(hidden)}")
     if max(hidden) > MAX_HIDDEN:
         raise ValueError(f"weights: hidden widths must be at most {MAX_HIDDEN}, got {max(hidden)}")
     if not 1 <= out_features <= MAX_OUT:
