@@ -19,7 +19,7 @@ grid axis 0 only (CUDA allows 2^31 - 1 there, 65,535 on axes 1 and 2): program p
 elements (pid % T) * BLOCK .. of sample pid // T, T = blocks per sample, so per-sample
 coefficients are scalars of the program. In-kernel noise is Philox (tl.randn) keyed by a
 seed read from memory (so a captured CUDA graph draws fresh noise when the seed buffer is
-refilled) and the element's global index.
+refilled) and the element's position (four normals per Philox call).
 """
 import triton
 import triton.language as tl
@@ -39,14 +39,20 @@ V_PREDICTION = tl.constexpr(2)
 
 
 @triton.jit
-def _noise(noise_ptr, seed_ptr, offs, mask):
-    """z: the given noise, else Philox normals from the seed, else zeros."""
+def _noise(noise_ptr, seed_ptr, offs, mask, b, tile, S, BLOCK: tl.constexpr):
+    """z: the given noise, else Philox normals from the seed, else zeros.
+
+    One Philox call gives four normals (tl.randn4x): element `col` of sample b takes
+    lane col % 4 of counter b * ceil(S / 4) + col // 4, so a block of BLOCK elements
+    (BLOCK a multiple of 4, blocks aligned within the sample) makes BLOCK / 4 calls.
+    Counters are 32-bit: streams repeat after 2^34 elements (64 GiB of float32)."""
     if noise_ptr is not None:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     elif seed_ptr is not None:
-        # Philox counters are 32-bit: elements 2^32 apart share a stream (beyond any batch
-        # a step sees: 2^32 float32 elements are 16 GiB).
-        z = tl.randn(tl.load(seed_ptr), offs.to(tl.uint32))
+        counter = b * tl.cdiv(S, 4) + tile * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), counter.to(tl.uint32))
+        # [BLOCK/4, 2, 2] flattened: element 4k + 2j + i is n(2i + j) of counter k
+        z = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), (BLOCK,))
     else:
         z = tl.zeros(offs.shape, tl.float32)
     return z
@@ -86,7 +92,7 @@ def diffusion_step_kernel(
     cols = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < S
     offs = b * S + cols  # int64: a DDMI latent batch passes 2^31 elements
-    z = _noise(noise_ptr, seed_ptr, offs, mask)
+    z = _noise(noise_ptr, seed_ptr, offs, mask, b, pid % blocks_per_sample, S, BLOCK)
 
     if MODE == NOISE_SUMSQ:
         tl.atomic_add(sumsq_ptr + b, tl.sum(tl.where(mask, z * z, 0.0), 0), sem="relaxed")
