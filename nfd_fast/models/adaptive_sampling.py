@@ -20,7 +20,7 @@ queries need a spacing finer than the detail everywhere.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 

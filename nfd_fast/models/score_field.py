@@ -30,7 +30,6 @@ The schedule is score_sde's discrete VP: linear betas 0.1 / T .. 20 / T (T = 100
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -206,7 +205,7 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
     points, and its MSE to the true signal elsewhere (one sample, and the mean of the 4)
     against linear interpolation of the observations (the plain baseline)."""
     n_train, n_held, observed, draws = (400, 8, 8, 2) if quick else (2000, 32, 8, 4)
-    steps, batch = (60, 32) if quick else (1500, 32)
+    steps, batch = (60, 32) if quick else (800, 32)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = ScoreField().to(device)
