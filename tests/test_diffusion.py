@@ -315,8 +315,9 @@ def test_in_kernel_noise_statistics():
     # per-sample streams differ (sample b's offsets are distinct)
     zb = _kernel_noise(1234).reshape(4, -1)
     assert abs(torch.corrcoef(zb[:2])[0, 1].item()) < 4 / math.sqrt(zb.shape[1])
-    # each of the four normals of a Philox call lands in one element: no value repeats
-    assert torch.unique(z).numel() == n
+    # each of the four normals of a Philox call lands in one element: values repeat only
+    # by float32 coincidence (a few pairs in 16k), not per call (3 in 4 would)
+    assert torch.unique(z).numel() > 0.999 * n
 
 
 def test_same_seed_same_noise_and_generators():
