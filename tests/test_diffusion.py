@@ -540,3 +540,22 @@ def test_unvalidated_out_of_range_timesteps_give_nan(setting):
 def test_malformed_step_options_raise_clearly(call, error, match):
     with pytest.raises(error, match=match):
         call(NoiseSchedule("linear", 10), torch.randn(3, 4))
+
+
+def test_sampler_with_a_models_own_timesteps_matches_explicit_steps():
+    """timesteps= visits a given descending spacing (DDMI's 999, 979, ..., 19, then x0):
+    each step goes to the next timestep, the last to the final x0."""
+    sched = schedule()
+    visit = [int(t) for t in range(sched.num_timesteps - 1, 0, -7)]
+    denoiser = lambda x, t, cond: 0.3 * x + 0.01 * t.float().view(-1, 1)  # noqa: E731
+    x_T = torch.randn(3, 5, device=DEVICE)
+    sampler = Sampler(denoiser, (3, 5), sched, timesteps=visit, cuda_graph=False)
+    got = sampler(x_T)
+    x = x_T
+    for t, prev in zip(visit, visit[1:] + [-1]):
+        tt = torch.full((3,), t, device=DEVICE)
+        x, _ = ddim_step(denoiser(x, tt, None), tt, torch.full((3,), prev, device=DEVICE), x, sched)
+    assert sampler.steps == len(visit)
+    assert torch.allclose(got, x, atol=1e-6)
+    with pytest.raises(ValueError, match="timesteps"):
+        Sampler(denoiser, (3, 5), sched, timesteps=[5, 9, 1])

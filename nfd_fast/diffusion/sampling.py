@@ -23,6 +23,15 @@ def leading_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     return (torch.arange(steps, dtype=torch.int64) * ratio).flip(0)
 
 
+def _checked_timesteps(timesteps, num_timesteps: int) -> list:
+    visit = [int(t) for t in timesteps]
+    if not visit or any(not 0 <= t < num_timesteps for t in visit) \
+            or any(a <= b for a, b in zip(visit, visit[1:])):
+        raise ValueError(f"timesteps: expected strictly descending ints in [0, {num_timesteps - 1}], "
+                         f"got {visit[:8]}{'...' if len(visit) > 8 else ''}")
+    return visit
+
+
 class Sampler:
     """A reusable sampling loop. On CUDA with cuda_graph "auto" / True, the first call
     captures the whole loop as one CUDA graph (after a warm-up run) and every call replays
@@ -30,6 +39,10 @@ class Sampler:
 
     denoiser(x [B, ...], t [B] int64, cond) -> model output like x. With guidance_scale,
     it is called again with `uncond` for the unconditional output.
+
+    timesteps: the descending timesteps to visit, e.g. a model's own spacing (each step
+    goes to the next one, the last to the final x0); default: `steps` with "leading"
+    spacing.
     """
 
     def __init__(self, denoiser: Callable, shape: Sequence[int], schedule: NoiseSchedule, *,
@@ -37,7 +50,7 @@ class Sampler:
                  guidance_scale: Optional[float] = None, cond=None, uncond=None,
                  prediction_type: str = "epsilon", clip_sample=None,
                  dtype: torch.dtype = torch.float32, cuda_graph="auto",
-                 weak_denoiser: bool = False):
+                 weak_denoiser: bool = False, timesteps: Optional[Sequence[int]] = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if prediction_type not in PREDICTION_TYPES:
@@ -54,9 +67,15 @@ class Sampler:
         self.guidance_scale, self.cond, self.uncond = guidance_scale, cond, uncond
         self.prediction_type, self.clip_sample, self.dtype = prediction_type, clip_sample, dtype
         self.device = schedule.device
-        self.timesteps = leading_timesteps(schedule.num_timesteps, steps).to(self.device)
-        ratio = schedule.num_timesteps // steps
-        self.prev_timesteps = self.timesteps - ratio
+        if timesteps is None:
+            self.timesteps = leading_timesteps(schedule.num_timesteps, steps).to(self.device)
+            self.prev_timesteps = self.timesteps - schedule.num_timesteps // steps
+        else:
+            visit = _checked_timesteps(timesteps, schedule.num_timesteps)
+            self.steps = len(visit)
+            self.timesteps = torch.tensor(visit, dtype=torch.int64, device=self.device)
+            self.prev_timesteps = torch.tensor(visit[1:] + [-1], dtype=torch.int64,
+                                               device=self.device)
         self.use_graph = cuda_graph is not False and self.device.type == "cuda"
         self.graph_required = cuda_graph is True
         if cuda_graph is True and self.device.type != "cuda":
@@ -163,15 +182,17 @@ def sample(denoiser: Callable, shape: Sequence[int], schedule: NoiseSchedule, *,
            guidance_scale: Optional[float] = None, cond=None, uncond=None,
            generator: Optional[torch.Generator] = None, cuda_graph="auto",
            progress: bool = False, prediction_type: str = "epsilon", clip_sample=None,
-           x_T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           x_T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+           timesteps: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Sample with a fused DDIM / DDPM loop (see Sampler). On CUDA the loop is captured
     as a CUDA graph on the first call with a configuration and replayed by later calls
     with the same denoiser, shape, schedule, options and cond / uncond objects."""
     options = dict(method=method, steps=steps, eta=eta, guidance_scale=guidance_scale,
                    cond=cond, uncond=uncond, prediction_type=prediction_type,
-                   clip_sample=clip_sample, dtype=dtype, cuda_graph=cuda_graph)
+                   clip_sample=clip_sample, dtype=dtype, cuda_graph=cuda_graph,
+                   timesteps=timesteps)
     key = (tuple(shape), id(schedule), method, steps, eta, guidance_scale, id(cond), id(uncond),
            prediction_type, clip_sample if not isinstance(clip_sample, list) else tuple(clip_sample),
-           dtype, cuda_graph)
+           dtype, cuda_graph, None if timesteps is None else tuple(int(t) for t in timesteps))
     sampler = _cached_sampler(denoiser, shape, schedule, key, options)
     return sampler(x_T, generator=generator, progress=progress)
