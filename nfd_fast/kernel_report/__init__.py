@@ -218,8 +218,22 @@ def report(cases=None, progress=None) -> dict:
         bound = "glue" if top is None or glue * 1e3 > top["modelled_ms"] else f"{top['bound']} ({top['kernel']})"
         rows.append({"case": probe.case, "impl": probe.impl, "modelled_ms": total, "bound": bound,
                      "glue_ms": glue * 1e3, "launches": launch_rows, "label": LABEL})
-    return {"label": LABEL, "constants": {k: {"value": v, "source": s} for k, (v, s) in model.CONSTANTS.items()},
+    return {"label": LABEL, "environment": _environment(),
+            "constants": {k: {"value": v, "source": s} for k, (v, s) in model.CONSTANTS.items()},
             "rows": rows, "kernels": list(kernels.values()), "errors": errors, "stats": stats}
+
+
+def _environment() -> dict:
+    import datetime
+
+    import torch
+    import triton
+
+    import nfd_fast
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "target": "sm_90a (H100 SXM5)", "triton": triton.__version__, "torch": torch.__version__,
+            "nfd_fast": nfd_fast.__version__, "sources_digest": _sources_digest()}
 
 
 def format_table(rep: dict) -> str:

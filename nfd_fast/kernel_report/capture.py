@@ -156,7 +156,8 @@ class Recorder:
 
     def aten(self, func, args, kwargs, out) -> None:
         self.events.append({"type": "aten", "op": str(func.overloadpacket.__name__),
-                            "pointwise": _is_pointwise(func), **_aten_work(func, args, kwargs, out)})
+                            "pointwise": _is_pointwise(func),
+                            **_aten_work(func, args, kwargs, out)})
 
 
 def _is_pointwise(func) -> bool:
@@ -168,13 +169,22 @@ def _is_pointwise(func) -> bool:
 _MATMULS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
 
 
+def _address(t) -> int:
+    """Where a tensor's data lives; torch.func's wrappers (the reference's vjp) have no
+    storage of their own, so their identity stands in."""
+    try:
+        return t.data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return -id(t)
+
+
 def _aten_work(func, args, kwargs, out) -> dict:
     """FLOPs (matmuls) and bytes of the tensor operands and results of one ATen call."""
     import torch
     from torch.utils._pytree import tree_flatten
 
     def operands(tree):
-        return [(t.data_ptr(), t.numel() * t.element_size())
+        return [(_address(t), t.numel() * t.element_size())
                 for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
     inputs, outputs = operands((args, kwargs)), operands(out)
@@ -197,6 +207,8 @@ def trace_mode(recorder: Recorder):
             kwargs = kwargs or {}
             body = _custom_op_body(func)
             if body is not None:  # nfd_fast's own ops: trace what they run
+                # (a body running torch.func transforms, as the reference backward's vjp
+                # does, cannot be traced so: the probe then reports the error)
                 with self:
                     return body(*args, **kwargs)
             out = func(*args, **kwargs)
