@@ -128,3 +128,37 @@ def test_json_rows_of_the_cli(tmp_path, monkeypatch, capsys):
 def test_unknown_case_is_refused():
     with pytest.raises(ValueError, match="cases"):
         kernel_report.report(cases=["no_such_case"])
+
+
+def test_occupancy_and_launch_terms():
+    """255 registers x 8 warps fill an SM's 65,536 registers: one CTA per SM; 43 registers
+    round to 1,536 per warp: 10 CTAs of 4 warps. A launch's issue time is its busiest SM's
+    warps times their instructions over 4 schedulers."""
+    from nfd_fast.kernel_report import model
+
+    big = {"num_warps": 8, "registers": 255, "shared_bytes": 69632}
+    assert model.occupancy(big) == {"ctas_per_sm": 1, "warps_per_sm": 8, "limit": "registers"}
+    small = {"num_warps": 4, "registers": 43, "shared_bytes": 0}
+    assert model.occupancy(small)["ctas_per_sm"] == 10
+    kernel = {"num_warps": 4, "dynamic_per_warp": {"total": 1000, "MUFU": 10,
+                                                   "tensor_flops_bf16": 2.0e6}}
+    terms = model.launch_terms(kernel, ctas=133, dram_bytes=3.0e9, l2_bytes=0.0)
+    assert terms["issue"] == pytest.approx(2 * 4 * 1000 / (4 * model.CLOCK))  # 2 CTAs on one SM
+    assert terms["mufu"] == pytest.approx(2 * 4 * 10 * 32 / (16 * model.CLOCK))
+    assert terms["tensor"] == pytest.approx(2 * 4 * 2.0e6 * model.SMS / model.BF16_DENSE)
+    assert terms["hbm"] == pytest.approx(1e-3) and terms["l2"] == 0.0
+    assert model.fit(256, 10.0, 512, 18.0, 1024) == pytest.approx(34.0)
+
+
+def test_compiled_floor_fuses_pointwise_chains():
+    """a (external, 100 B) -> mul -> t -> add -> out (returned): fused, a is read once
+    and out written once; t never reaches memory. A matmul reading t keeps t."""
+    from nfd_fast.kernel_report import model
+
+    def call(pointwise, inputs, outputs):
+        return {"pointwise": pointwise, "inputs": inputs, "outputs": outputs}
+
+    chain = [call(True, [(1, 100)], [(2, 100)]), call(True, [(2, 100)], [(3, 100)])]
+    assert model.fused_bytes(chain) == 200
+    kept = chain + [call(False, [(2, 100)], [(4, 50)])]
+    assert model.fused_bytes(kept) == 300
