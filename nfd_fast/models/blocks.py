@@ -27,6 +27,11 @@ Training, metrics, data, plots, checkpoints
     mse, psnr, chamfer_distance, iou
     random_blobs / render_blobs     synthetic images (and moving patterns in (x, y, t)):
                                     background + Gaussian blobs + a plane wave, any resolution
+    random_shapes / shape_sdf / shape_occupancy / render_shapes
+                                    synthetic 2-D / 3-D shapes with sharp edges: unions of
+                                    discs (balls) and boxes, as signed distance, occupancy
+                                    or a piecewise-constant image, any resolution
+    cell_centres(sizes)             like grid_coordinates at pixel centres (align_corners=False)
     scattered_linear_interpolation  the plain baseline for scattered 2-D observations
     plot_rows       a grid of images with titles, saved as PNG
     FieldModel      nn.Module base: save(path) / load(path) of {config, state_dict} (loaded
@@ -367,6 +372,56 @@ def render_blobs(params: dict, coords: torch.Tensor) -> torch.Tensor:
     bumps = torch.exp(-d2 / (2 * p["width"].unsqueeze(1) ** 2)) * p["amplitude"].unsqueeze(1)
     wave = 0.08 * torch.sin((xy * p["wave"]).sum(-1, keepdim=True) + p["phase"])
     return (p["background"] + bumps.sum(2) + wave).clamp(0, 1)
+
+
+def cell_centres(sizes: Sequence[int], device=None) -> torch.Tensor:
+    """grid_coordinates at pixel centres, (2 i + 1) / n - 1 per axis: the points that
+    align_corners=False lookups and F.interpolate read at, [prod(sizes), D]."""
+    scale = torch.tensor([(int(s) - 1) / int(s) for s in reversed(sizes)], device=device)
+    return grid_coordinates(sizes, device) * scale
+
+
+def random_shapes(n: int, dims: int = 2, primitives: int = 3, generator=None) -> dict:
+    """Parameters of n synthetic shapes in [-1, 1]^dims: unions of `primitives` discs (balls
+    in 3-D) or axis-aligned boxes, each with a centre, a radius (half side for boxes) and
+    an intensity (for images), and a background level."""
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+
+    def u(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=generator)
+
+    return {"centre": u(n, primitives, dims, lo=-0.5, hi=0.5),
+            "radius": u(n, primitives, lo=0.2, hi=0.45),
+            "box": torch.rand(n, primitives, generator=generator) < 0.5,
+            "intensity": u(n, primitives, lo=0.3, hi=0.7),
+            "background": u(n, 1, hi=0.2)}
+
+
+def shape_sdf(params: dict, coords: torch.Tensor) -> torch.Tensor:
+    """Signed distance (negative inside; the box's is the L-infinity one) of each primitive
+    of random_shapes at coords [N, D] or [n, N, D] -> [n, N, primitives]."""
+    n, _, D = params["centre"].shape
+    if coords.dim() == 2:
+        coords = coords.expand(n, *coords.shape)
+    check_shape(coords, "coords", (n, None, D), f"[{n}, N, {D}]")
+    p = {k: v.to(coords.device) for k, v in params.items()}
+    offset = coords.unsqueeze(2) - p["centre"].unsqueeze(1)  # [n, N, K, D]
+    dist = torch.where(p["box"].unsqueeze(1), offset.abs().amax(-1), offset.norm(dim=-1))
+    return dist - p["radius"].unsqueeze(1)
+
+
+def shape_occupancy(params: dict, coords: torch.Tensor) -> torch.Tensor:
+    """Inside the union of the primitives: bool [n, N]."""
+    return (shape_sdf(params, coords) < 0).any(-1)
+
+
+def render_shapes(params: dict, coords: torch.Tensor) -> torch.Tensor:
+    """Piecewise-constant images of random_shapes: background plus the intensity of every
+    primitive covering the point (overlaps add up), clamped to [0, 1], [n, N, 1]."""
+    inside = (shape_sdf(params, coords) < 0).to(coords.dtype)
+    level = params["background"].to(coords.device) + (inside * params["intensity"].to(coords.device).unsqueeze(1)).sum(-1)
+    return level.clamp(0, 1).unsqueeze(-1)
 
 
 def scattered_linear_interpolation(coords: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
