@@ -62,9 +62,16 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The backend setting in force ("auto", "triton" or "torch"); see :func:`resolve`
+    """The backend setting in force ("auto", "triton" or "torch"); see :func:`active_backend`
     for what a given call runs."""
     return _setting
+
+
+def active_backend(*tensors: Optional[torch.Tensor]) -> str:
+    """What an op on these tensors runs under the current setting: "triton" (the fused
+    kernels) or "torch" (the reference). With "auto" that is "triton" for CUDA tensors
+    of the kernels' dtypes when Triton imports, else "torch"."""
+    return resolve("op", *tensors)
 
 
 @contextlib.contextmanager

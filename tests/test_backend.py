@@ -88,3 +88,12 @@ with nfd_fast.use_backend('triton'):
     res = _run(code, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     assert res.returncode == 0, res.stderr
     assert "needs CUDA tensors" in res.stdout
+
+
+def test_active_backend_says_what_runs():
+    cpu = torch.ones(2)
+    assert nfd_fast.active_backend(cpu) == "torch"  # auto on CPU: the reference
+    with nfd_fast.use_backend("triton"):  # the interpreter serves CPU tensors in the tests
+        assert nfd_fast.active_backend(cpu) == "triton"
+    with nfd_fast.use_backend("torch"):
+        assert nfd_fast.active_backend(cpu) == "torch"
