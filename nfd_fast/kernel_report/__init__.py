@@ -145,8 +145,12 @@ def _launch_rows(probe, events, reports) -> tuple:
         terms = model.launch_terms(kernel, ctas, dram, l2b)
         bound = max(terms, key=terms.get)
         dot = sum(model.fit(n1, a["dot_flops"].get(k, 0), n2, v, n) for k, v in b["dot_flops"].items())
+        # tensor-core FLOPs the SASS issues over the source's dot FLOPs (1: no replicated work)
+        issued = ctas * kernel["num_warps"] * sum(
+            v for k, v in kernel["dynamic_per_warp"].items() if k.startswith("tensor_flops_"))
         rows.append({"kernel": kernel["name"], "hash": kernel["hash"], "ctas": ctas,
                      "dram_bytes": dram, "l2_bytes": l2b, "dot_flops": dot,
+                     "tensor_flops_issued_per_dot_flop": issued / dot if dot and issued else None,
                      "terms_ms": {k: v * 1e3 for k, v in terms.items()},
                      "modelled_ms": terms[bound] * 1e3, "bound": bound})
     glue = [sum(model.aten_seconds(e) for e in ev if e["type"] == "aten") for ev in (ev1, ev2)]

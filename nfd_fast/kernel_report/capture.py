@@ -166,7 +166,9 @@ def _is_pointwise(func) -> bool:
     return torch.Tag.pointwise in getattr(func, "tags", ())
 
 
-_MATMULS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+# operand positions (a, b) of a @ b; linear's weight is [out, in] (b.T)
+_MATMULS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2), "matmul": (0, 1),
+            "linear": (0, 1)}
 
 
 def _address(t) -> int:
@@ -193,7 +195,7 @@ def _aten_work(func, args, kwargs, out) -> dict:
     name = func.overloadpacket.__name__
     if name in _MATMULS:
         a, b = (args[i] for i in _MATMULS[name])
-        flops = 2 * a.numel() * b.shape[-1]
+        flops = 2 * a.numel() * (b.shape[0] if name == "linear" else b.shape[-1])
         dtype = str(a.dtype).replace("torch.", "")
     return {"bytes": nbytes, "flops": flops, "dtype": dtype, "inputs": inputs, "outputs": outputs}
 
