@@ -9,7 +9,10 @@ with act = sin(w0 u) | relu | gain * leaky_relu(u, slope) | gelu | silu | identi
 
 Memory layout (prepared by nfd_fast.ops.fused_mlp):
     x      [M, IN]  rows of all samples, sample b owns rows b*N .. b*N+N-1
-    w      [Bw, L, D, D]  W_l zero-padded to D x D, nn.Linear layout (row = output unit)
+    wf     [Bw, HID_PAD, IN_PAD] float32: W_0 zero-padded. The first layer (K = in, tiny
+           for coordinates) runs in float32 in every precision mode.
+    w      [Bw, L-1, D, D]  W_1 .. W_{L-1} zero-padded to D x D (D = max(HID_PAD, OUT_PAD)),
+           nn.Linear layout (row = output unit), in the dot operand dtype of the mode
     b      [Bb, L, D]     biases zero-padded
     scale / shift / mult  [Bs, L-1, HID_PAD]  per-sample (Bs = B) or shared (stride 0)
     act    [L, 3] float32: (w0, slope, gain) per layer
@@ -149,9 +152,9 @@ def _matmul(a, b, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_weight_t(w_layer_ptr, k, n, D: tl.constexpr):
-    """The tile W^T[k, n] = W[n, k] of one padded D x D layer."""
-    return tl.load(w_layer_ptr + n[None, :] * D + k[:, None])
+def _load_weight_t(w_layer_ptr, k, n, ROW: tl.constexpr):
+    """The tile W^T[k, n] = W[n, k] of one padded layer whose rows are ROW apart."""
+    return tl.load(w_layer_ptr + n[None, :] * ROW + k[:, None])
 
 
 @triton.jit
@@ -234,10 +237,10 @@ def _store_jacobian(z, tz, cols, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT, l
 
 @triton.jit
 def fused_mlp_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr, y_ptr, z_ptr, zf_ptr, j_ptr,
+    x_ptr, wf_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr, y_ptr, z_ptr, zf_ptr, j_ptr,
     gsize_ptr, gaffine_ptr, lin0,
     N, IN, OUT, M, row_tiles,
-    stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
+    stride_fb, stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
     NUM_LAYERS: tl.constexpr, D: tl.constexpr,
     IN_PAD: tl.constexpr, HID_PAD: tl.constexpr, OUT_PAD: tl.constexpr,
     ACTS: tl.constexpr, FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr,
@@ -270,7 +273,8 @@ def fused_mlp_fwd_kernel(
     # int64: M * width passes 2^31 for a gigapixel image
     grow = b * N + rows.to(tl.int64)
     m64 = b * 0 + M  # M as int64, so layer * M cannot wrap either
-    w_base = w_ptr + b * stride_wb
+    w_base = w_ptr + b * stride_wb - D * D  # layer l >= 1 at w_base + l * D * D
+    wf_base = wf_ptr + b * stride_fb
 
     cin = tl.arange(0, IN_PAD)
     if GRID_DIMS > 0:
@@ -304,16 +308,24 @@ def fused_mlp_fwd_kernel(
                 tacc = tl.zeros((TANGENTS * BLOCK_M, HID_PAD), dtype=tl.float32)
         for j in range(0, HID_PAD, BLOCK_N):
             cj = j + tl.arange(0, BLOCK_N)
-            w_a = _load_weight_t(w_base + 2 * p * D * D, kk, cj, D)
             w_b = _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D)
-            zc = _matmul(h, w_a, DOT_KIND, PRECISION)
+            if p == 0:  # the first layer in float32 in every mode
+                w_a = _load_weight_t(wf_base, kk, cj, IN_PAD)
+                zc = _matmul(h, w_a, DOT_FP32, "ieee")
+            else:
+                w_a = _load_weight_t(w_base + 2 * p * D * D, kk, cj, D)
+                zc = _matmul(h, w_a, DOT_KIND, PRECISION)
             if b_ptr is not None:
                 zc += tl.load(b_ptr + b * stride_bb + 2 * p * D + cj)[None, :]
             if z_ptr is not None:
                 tl.store(z_ptr + (2 * p * m64 + grow[:, None]) * HID_PAD + cj[None, :], zc,
                          mask=row_ok[:, None])
             if TANGENTS > 0:
-                hc, thc = _tangent_modulate(zc, _matmul(t, w_a, DOT_KIND, PRECISION), cj, b,
+                if p == 0:
+                    tz = _matmul(t, w_a, DOT_FP32, "ieee")
+                else:
+                    tz = _matmul(t, w_a, DOT_KIND, PRECISION)
+                hc, thc = _tangent_modulate(zc, tz, cj, b,
                                             2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                                             stride_sb, stride_tb, stride_mb, HID_PAD,
                                             (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE,
@@ -377,17 +389,18 @@ def _store_output(z, cols, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, layer,
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer"])  # one compile serves every layer
 def fused_mlp_bwd_layer_kernel(
     dz_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, mult_ptr, act_ptr,
     dst_ptr, h_ptr, part_ptr,
     N, M, C, layer, row_tiles, stride_wb, stride_sb, stride_tb, stride_mb,
-    K: tl.constexpr, D: tl.constexpr, HID_PAD: tl.constexpr, ACT: tl.constexpr,
+    K: tl.constexpr, ROW: tl.constexpr, HID_PAD: tl.constexpr, ACT: tl.constexpr,
     HIDDEN: tl.constexpr, FAST_SINE: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Back through one linear layer l = `layer` + 1: g = dz_l @ W_l  ([M, K] @ [K, C]).
+    """Back through one linear layer l = `layer` + 1: g = dz_l @ W_l  ([M, K] @ [K, C]);
+    w_ptr is that layer's padded weights (rows ROW apart, per-sample stride stride_wb).
 
     HIDDEN=False: g is dx, stored to dst_ptr [M, C].
     HIDDEN=True: g = dL/dh_{layer}; the epilogue recomputes u, act(u) from the saved z
@@ -404,7 +417,7 @@ def fused_mlp_bwd_layer_kernel(
     row_ok = rows < N
     grow = b * N + rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_layer = w_ptr + b * stride_wb + (layer + 1) * D * D
+    w_layer = w_ptr + b * stride_wb
 
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -412,7 +425,8 @@ def fused_mlp_bwd_layer_kernel(
         dz = tl.load(dz_ptr + grow[:, None] * K + kk[None, :],
                      mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
         # W[k, c]; rows past K are zero padding (or the next block, masked by dz = 0)
-        w = tl.load(w_layer + kk[:, None] * D + cols[None, :], mask=(kk < D)[:, None], other=0.0)
+        w = tl.load(w_layer + kk[:, None] * ROW + cols[None, :], mask=(kk < K)[:, None],
+                    other=0.0)
         g += _matmul(dz, w, DOT_KIND, PRECISION)
 
     if HIDDEN:

@@ -207,11 +207,37 @@ def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first
     acts = _layer_activations(activation, w0, first_w0, final_activation, final_w0,
                               leaky_slope, leaky_gain, L - 1)
     if precision is None:
-        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weights[0].dtype, "ieee")
+        precision = default_precision(weights[0].dtype)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return MLPInputs(xb, weights, biases, mods["scale"], mods["shift"], mods["mult"], acts,
                      batch, squeeze, precision, bool(fast_sine), bool(recompute))
+
+
+# torch.get_float32_matmul_precision() -> the mode float32 parameters run in by default.
+# "highest" keeps float32 accuracy (1e-4 of float64) with three TF32 tensor-core products,
+# modelled faster on an H100 than float32 FFMA ("ieee"); see the module docstring.
+FLOAT32_DEFAULTS = {"highest": "tf32x3", "high": "tf32", "medium": "bf16"}
+HALF_DEFAULTS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def default_precision(dtype: torch.dtype) -> str:
+    """precision=None: half-precision parameters keep their dtype's mode; float32 ones
+    follow PyTorch's switch, torch.get_float32_matmul_precision()."""
+    if dtype in HALF_DEFAULTS:
+        return HALF_DEFAULTS[dtype]
+    if dtype != torch.float32:  # float64 runs the reference, in float64
+        return "ieee"
+    return FLOAT32_DEFAULTS[_float32_matmul_precision()]
+
+
+@torch._dynamo.assume_constant_result
+def _float32_matmul_precision() -> str:
+    """torch.get_float32_matmul_precision(), read as a constant when torch.compile traces
+    (dynamo cannot put a string-valued torch call in a graph). Dynamo's global-state guard
+    recompiles when TF32 is switched on or off ("highest" <-> "high" / "medium"); between
+    "high" and "medium" a compiled graph keeps the mode it was traced with."""
+    return torch.get_float32_matmul_precision()
 
 
 def _per_layer_tensors(value, count: int, name: str) -> list:
@@ -252,9 +278,14 @@ def _per_sample(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
 def reference_forward(p: MLPInputs) -> torch.Tensor:
     """The MLP layer by layer in float32 (float64 for float64 inputs)."""
     dtype = torch.float64 if p.x.dtype == torch.float64 else torch.float32
+    return _forward(p, dtype, lambda l, h, wt: torch.matmul(h, wt))
+
+
+def _forward(p: MLPInputs, dtype, matmul) -> torch.Tensor:
+    """The layers in `dtype`, each linear map's product by matmul(layer, h, W^T)."""
     h = p.x.to(dtype)
     for l, (w, b) in enumerate(zip(p.weights, p.biases)):
-        z = torch.matmul(h, w.to(dtype).transpose(-1, -2))
+        z = matmul(l, h, w.to(dtype).transpose(-1, -2))
         if b is not None:
             z = z + _per_sample(b, dtype)
         if l == p.num_layers - 1:
@@ -268,6 +299,44 @@ def reference_forward(p: MLPInputs) -> torch.Tensor:
         if p.mult[l] is not None:
             h = h * _per_sample(p.mult[l], dtype)
     return h.to(p.x.dtype)
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest TF32 value (10-bit mantissa, ties away from zero, as
+    cvt.rna.tf32.f32): add half of the dropped 13 bits to the magnitude, then clear them.
+    inf and NaN pass unchanged; a carry into the exponent rounds up a binade (or to inf)."""
+    bits = t.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(t), rounded, t)
+
+
+def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """A float32 dot operand as the tensor cores of `precision` read it (in float32)."""
+    if precision in ("fp16", "bf16"):
+        return t.to(_PACK_DTYPE[precision]).float()
+    if precision == "tf32":
+        return round_to_tf32(t)
+    return t
+
+
+def emulated_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """a @ b (float32) with the operands rounded as `precision`'s tensor cores do and float32
+    accumulation: every product of rounded operands is exact in float32, so a float32
+    matmul of the rounded operands is the tensor-core sum up to accumulation order.
+    "tf32x3" splits each operand into a TF32 head and a TF32 tail and drops tail x tail."""
+    if precision != "tf32x3":
+        return torch.matmul(round_operand(a, precision), round_operand(b, precision))
+    a_hi, b_hi = round_to_tf32(a), round_to_tf32(b)
+    a_lo, b_lo = round_to_tf32(a - a_hi), round_to_tf32(b - b_hi)
+    return torch.matmul(a_lo, b_hi) + torch.matmul(a_hi, b_lo) + torch.matmul(a_hi, b_hi)
+
+
+def emulated_reference_forward(p: MLPInputs) -> torch.Tensor:
+    """The reference in float32 with p.precision's tensor-core rounding of the dot operands
+    (the first layer exact in float32, as in the kernels): each mode's error measured on a
+    CPU, where the Triton interpreter computes every dot in float32."""
+    return _forward(p, torch.float32, lambda l, h, wt: torch.matmul(h, wt) if l == 0
+                    else emulated_matmul(h, wt, p.precision))
 
 
 def activation_derivative(u: torch.Tensor, act: LayerActivation) -> torch.Tensor:
@@ -348,7 +417,8 @@ class _Geometry:
 
     @property
     def d(self) -> int:
-        return max(self.in_pad, self.hid_pad, self.out_pad)
+        """Padded size of the packed layers 1 .. L-1 (the first is packed on its own)."""
+        return max(self.hid_pad, self.out_pad)
 
     @staticmethod
     def of(widths: list, precision: str) -> "_Geometry":
@@ -374,7 +444,8 @@ class _Packed:
     """The parameters copied into zero-padded buffers the kernels read mask-free; an
     absent kind of parameter is None (the kernels compile its code out)."""
 
-    weights: torch.Tensor            # [Bw, L, D, D]
+    first: torch.Tensor              # [Bw, HID_PAD, IN_PAD] float32: W_0
+    weights: torch.Tensor            # [Bw, L-1, D, D] in the mode's operand dtype: W_1 ..
     bias: Optional[torch.Tensor]     # [Bb, L, D]
     scale: Optional[torch.Tensor]    # [Bs, L-1, HID_PAD]
     shift: Optional[torch.Tensor]
@@ -386,14 +457,17 @@ def _pack_params(p: MLPInputs, g: _Geometry) -> _Packed:
     L, D, dev = p.num_layers, g.d, p.x.device
     widths = p.widths()
     bw = p.batch if any(w.dim() == 3 for w in p.weights) else 1
-    w = torch.zeros(bw, L, D, D, device=dev, dtype=_PACK_DTYPE.get(p.precision, torch.float32))
-    for l, wl in enumerate(p.weights):
-        w[:, l, : widths[l + 1], : widths[l]] = wl
+    first = torch.zeros(bw, g.hid_pad, g.in_pad, device=dev, dtype=torch.float32)
+    first[:, : widths[1], : widths[0]] = p.weights[0]
+    w = torch.zeros(bw, L - 1, D, D, device=dev,
+                    dtype=_PACK_DTYPE.get(p.precision, torch.float32))
+    for l in range(1, L):
+        w[:, l - 1, : widths[l + 1], : widths[l]] = p.weights[l]
     bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev)
     mods = {name: _pack_vectors(getattr(p, name), p.batch, L - 1, g.hid_pad, fill, widths[1:], dev)
             for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0))}
     act = constant_table(tuple((a.w0, a.slope, a.gain) for a in p.acts), torch.float32, dev)
-    return _Packed(w, bias, mods["scale"], mods["shift"], mods["mult"], act)
+    return _Packed(first, w, bias, mods["scale"], mods["shift"], mods["mult"], act)
 
 
 def _pack_vectors(entries, batch, count, width, fill, widths, device) -> Optional[torch.Tensor]:
@@ -455,9 +529,10 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
     sizes, affine, axes, start = coord_grid or (None, None, 0, 0)
     row_tiles = triton.cdiv(N, g.block_m)
     K.fused_mlp_fwd_kernel[(B * row_tiles,)](
-        None if coord_grid else p.x.contiguous(), packed.weights, packed.bias, packed.scale,
-        packed.shift, packed.mult, packed.act, y, z, zf, jac, sizes, affine, start,
-        N, IN, OUT, M, row_tiles, _stride0(packed.weights), _stride0(packed.bias),
+        None if coord_grid else p.x.contiguous(), packed.first, packed.weights, packed.bias,
+        packed.scale, packed.shift, packed.mult, packed.act, y, z, zf, jac, sizes, affine,
+        start, N, IN, OUT, M, row_tiles, _stride0(packed.first), _stride0(packed.weights),
+        _stride0(packed.bias),
         _stride0(packed.scale),
         _stride0(packed.shift), _stride0(packed.mult),
         NUM_LAYERS=L, D=g.d, IN_PAD=g.in_pad, HID_PAD=g.hid_pad, OUT_PAD=g.out_pad,
@@ -488,12 +563,14 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
     dst = torch.empty(M, cols, device=dev, dtype=torch.float32)
     h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else None
     part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else None
-    dot_kind, prec = _dot_config(p.precision)
+    # the first layer runs in float32 in every mode (its weights packed on their own)
+    dot_kind, prec = _dot_config(p.precision if hidden else "ieee")
+    w = packed.weights[:, layer] if hidden else packed.first
     K.fused_mlp_bwd_layer_kernel[(B * tiles, triton.cdiv(cols, block_n))](
-        dz, packed.weights, z if hidden else None, packed.scale, packed.shift, packed.mult,
-        packed.act, dst, h, part, N, M, cols, layer, tiles, _stride0(packed.weights),
+        dz, w, z if hidden else None, packed.scale, packed.shift, packed.mult,
+        packed.act, dst, h, part, N, M, cols, layer, tiles, _stride0(w),
         _stride0(packed.scale), _stride0(packed.shift), _stride0(packed.mult),
-        K=dz.shape[1], D=g.d, HID_PAD=g.hid_pad,
+        K=dz.shape[1], ROW=g.d if hidden else g.in_pad, HID_PAD=g.hid_pad,
         ACT=ACTIVATIONS.index(p.acts[layer].kind) if hidden else 0, HIDDEN=hidden,
         FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
@@ -883,11 +960,13 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
                        leaky_slope=leaky_slope, leaky_gain=leaky_gain, scale=scale,
                        shift=shift, mult=mult, precision=precision, fast_sine=fast_sine,
                        recompute=recompute)
-    tensors = p.tensors()
-    # saving the pre-activations only pays when a backward can follow
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    y, _, _ = torch.ops.nfd_fast.fused_mlp(*_op_arguments(p), p.recompute, save,
-                                           backend.get_backend())
+    if backend.get_backend() == "torch":  # the reference as plain PyTorch ops (inlined)
+        y = reference_forward(p)
+    else:
+        # saving the pre-activations only pays when a backward can follow
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in p.tensors())
+        y, _, _ = torch.ops.nfd_fast.fused_mlp(*_op_arguments(p), p.recompute, save,
+                                               backend.get_backend())
     return y.squeeze(0) if p.squeeze_batch else y
 
 
@@ -897,6 +976,17 @@ def _op_arguments(p: MLPInputs) -> tuple:
     return (p.x, p.weights, *groups[0], *groups[1], *groups[2], *groups[3],
             [ACTIVATIONS.index(a.kind) for a in p.acts], [a.w0 for a in p.acts],
             p.acts[0].slope, p.acts[0].gain, p.precision, p.fast_sine)
+
+
+def fused_mlp_emulated(x: torch.Tensor, weights: TensorList,
+                       biases: Optional[TensorList] = None, **options) -> torch.Tensor:
+    """fused_mlp's math on the CPU with the dot operands rounded as `precision` (or the
+    default mode) rounds them on tensor cores, float32 accumulation: what each precision
+    costs in accuracy, without a GPU. Arguments as fused_mlp's; not differentiable."""
+    p = prepare_inputs(x, weights, biases, **options)
+    with torch.no_grad():
+        y = emulated_reference_forward(p).to(x.dtype)
+    return y.squeeze(0) if p.squeeze_batch else y
 
 
 def fused_mlp_with_jacobian(x: torch.Tensor, weights: TensorList,
@@ -909,5 +999,8 @@ def fused_mlp_with_jacobian(x: torch.Tensor, weights: TensorList,
     if options.pop("recompute", False):
         raise ValueError("recompute: not an option of fused_mlp_with_jacobian")
     p = prepare_inputs(x, weights, biases, **options)
-    y, jac = torch.ops.nfd_fast.fused_mlp_jacobian(*_op_arguments(p), backend.get_backend())
+    if backend.get_backend() == "torch":  # the reference as plain PyTorch ops (inlined)
+        y, jac = reference_forward_with_jacobian(p)
+    else:
+        y, jac = torch.ops.nfd_fast.fused_mlp_jacobian(*_op_arguments(p), backend.get_backend())
     return (y.squeeze(0), jac.squeeze(0)) if p.squeeze_batch else (y, jac)

@@ -1,0 +1,161 @@
+"""fused_mlp's precision modes: the default follows torch.get_float32_matmul_precision(),
+the first layer runs in float32 in every mode, and each mode's error (the reference with
+its operand rounding emulated) stays within its documented bound."""
+import math
+
+import pytest
+import torch
+
+import nfd_fast
+from nfd_fast.kernels import fused_mlp as KM
+from nfd_fast.ops import fused_mlp
+from nfd_fast.ops.fused_mlp import default_precision
+
+from conftest import DEVICE
+
+
+@pytest.fixture
+def matmul_precision():
+    """Set torch's float32 matmul precision for one test, restored after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def _recorded_launches(monkeypatch):
+    """Record the forward kernel's launch constexprs instead of running it."""
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs)
+            return launch
+
+    monkeypatch.setattr(KM, "fused_mlp_fwd_kernel", Recorder())
+    return calls
+
+
+@pytest.mark.parametrize("mode, expected", [("highest", "tf32x3"), ("high", "tf32"),
+                                            ("medium", "bf16")])
+def test_default_precision_follows_torch_float32_matmul_precision(mode, expected,
+                                                                 matmul_precision, monkeypatch):
+    matmul_precision(mode)
+    assert default_precision(torch.float32) == expected
+    # half-precision parameters keep their dtype's mode whatever the switch says
+    assert default_precision(torch.float16) == "fp16"
+    assert default_precision(torch.bfloat16) == "bf16"
+    calls = _recorded_launches(monkeypatch)
+    x = torch.rand(9, 2, device=DEVICE)
+    weights = [torch.randn(16, 2, device=DEVICE), torch.randn(3, 16, device=DEVICE)]
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        fused_mlp(x, weights)
+        fused_mlp(x, weights, precision="ieee")  # an explicit precision overrides
+    dot = {"tf32x3": (KM.DOT_FP32.value, "tf32x3"), "tf32": (KM.DOT_FP32.value, "tf32"),
+           "bf16": (KM.DOT_BF16.value, "ieee")}[expected]
+    assert (calls[0]["DOT_KIND"], calls[0]["PRECISION"]) == dot
+    assert (calls[1]["DOT_KIND"], calls[1]["PRECISION"]) == (KM.DOT_FP32.value, "ieee")
+
+
+def test_default_precision_compiles_fullgraph(matmul_precision):
+    """Reading torch's switch in the wrapper leaves the graph whole; flipping TF32 off and
+    on recompiles (dynamo's global-state guard) and the results follow the mode."""
+    siren = nfd_fast.nn.Siren(2, 16, 1, 3).to(DEVICE)
+    x = torch.rand(11, 2, device=DEVICE) * 2 - 1
+    with nfd_fast.use_backend("triton"):
+        explanation = torch._dynamo.explain(siren)(x)
+        assert explanation.graph_break_count == 0
+        compiled = torch.compile(siren, fullgraph=True, backend="aot_eager")
+        for mode in ("highest", "high"):
+            matmul_precision(mode)
+            torch.testing.assert_close(compiled(x), siren(x))
+
+
+def test_first_layer_runs_in_float32_in_every_mode():
+    """float32 coordinates with fine detail (w0 = 200) in a 16-bit mode: rounding x or W_0
+    to float16 before the first dot would move sin(w0 (W_0 x)) by ~w0 * 2^-11 ~ 0.1."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, generator=g) * 2 - 1
+    w_first = torch.rand(32, 3, generator=g) * 2 - 1
+    w_out = torch.eye(32)[:5]  # exact in float16: y is h's first five units
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        y = fused_mlp(x.to(DEVICE), [w_first.to(DEVICE), w_out.to(DEVICE)], w0=200.0,
+                      precision="fp16")
+    exact = torch.sin(200.0 * (x.double() @ w_first.double().T))[:, :5]
+    # only h's float16 rounding before the second dot remains: |error| <= 2^-11
+    assert (y.double().cpu() - exact).abs().max().item() < 2 ** -10
+
+
+# ------------------------------------------------------------------ emulated precision
+
+
+def _tf32_by_hand(v: float) -> float:
+    """v rounded to 11 significant bits, ties away from zero (independent of the code)."""
+    if v == 0 or not math.isfinite(v):
+        return v
+    m, e = math.frexp(abs(v))  # |v| = m 2^e, m in [0.5, 1)
+    q = math.floor(m * 2 ** 11 + 0.5) / 2 ** 11
+    return math.copysign(math.ldexp(q, e), v)
+
+
+def test_round_to_tf32_is_round_to_nearest_ties_away():
+    from nfd_fast.ops.fused_mlp import round_to_tf32
+
+    ulp = 2.0 ** -10
+    special = torch.tensor([1 + ulp / 2, 1 + ulp / 4, 1 + 3 * ulp / 4, -(1 + ulp / 2),
+                            float("inf"), -float("inf"), float("nan"), 0.0, 3.4e38])
+    got = round_to_tf32(special)
+    assert got[:4].tolist() == [1 + ulp, 1.0, 1 + ulp, -(1 + ulp)]
+    assert got[4:6].tolist() == [float("inf"), -float("inf")] and torch.isnan(got[6])
+    assert got[7] == 0 and got[8].item() == _tf32_by_hand(float(special[8]))
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(1)) * 100
+    want = torch.tensor([_tf32_by_hand(v) for v in values.tolist()])
+    assert torch.equal(round_to_tf32(values), want)
+
+
+# Documented bounds (README, Precision) of each mode's relative error vs float64.
+BOUNDS = {("float32", "ieee"): 1e-4, ("float32", "tf32x3"): 1e-4, ("float32", "tf32"): 2e-3,
+          ("float32", "fp16"): 2e-3, ("float32", "bf16"): 2e-2, ("float16", "fp16"): 2e-2,
+          ("bfloat16", "bf16"): 8e-2}
+
+
+@pytest.mark.parametrize("dtype, precision", list(BOUNDS))
+def test_emulated_error_of_every_precision_within_its_bound(dtype, precision):
+    """A SIREN at w0 = 30 (SIREN init): each mode's emulated error within its bound, and a
+    rounding mode measurably worse than float32 (so the rounding is really applied)."""
+    from nfd_fast.ops.fused_mlp import fused_mlp_emulated
+
+    torch.manual_seed(0)
+    siren = nfd_fast.nn.Siren(2, 96, 2, 3)
+    x = torch.rand(300, 2) * 2 - 1
+    with nfd_fast.use_backend("torch"), torch.no_grad():
+        y_ref = siren.double()(x.double())
+    args = siren.float().fused_mlp_arguments()
+    cast = getattr(torch, dtype)
+    args.update(weights=[w.detach().to(cast) for w in args["weights"]],
+                biases=[b.detach().to(cast) for b in args["biases"]], precision=precision)
+    y = fused_mlp_emulated(x.to(cast), **args)
+    err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
+    assert y.dtype == cast and err < BOUNDS[(dtype, precision)]
+    if precision in ("ieee", "tf32x3"):
+        assert err < 1e-5
+    else:
+        assert err > 1e-5
+
+
+def test_tf32x3_emulation_is_the_three_product_split():
+    """tf32x3 = a_lo b_hi + a_hi b_lo + a_hi b_hi: far closer than one TF32 product, and
+    not exact (the tail x tail product is dropped)."""
+    from nfd_fast.ops.fused_mlp import emulated_matmul
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(64, 96, generator=g), torch.randn(96, 40, generator=g)
+    exact = a.double() @ b.double()
+
+    def err(c):
+        return ((c.double() - exact).norm() / exact.norm()).item()
+
+    assert err(emulated_matmul(a, b, "tf32")) > 1e-4
+    assert err(emulated_matmul(a, b, "tf32x3")) < 1e-6
+    assert err(emulated_matmul(a, b, "bf16")) > 1e-3
+    assert err(emulated_matmul(a, b, "fp16")) > 1e-4
