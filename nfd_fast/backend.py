@@ -4,9 +4,11 @@ Backends
 --------
 - ``"triton"``: the fused kernels. Needs Triton and CUDA tensors, or CPU tensors when the
   Triton interpreter is on (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
-- ``"torch"``: the reference implementation in plain PyTorch (the specification).
+- ``"torch"``: the reference implementation in plain PyTorch (the specification), called
+  directly: torch.compile sees (and optimizes) its operations.
 - ``"auto"`` (default): per call, ``"triton"`` for CUDA tensors when Triton imports,
-  ``"torch"`` otherwise.
+  ``"torch"`` otherwise; either runs inside the registered op (one opaque node for
+  torch.compile).
 
 Select with :func:`set_backend`, the context manager :func:`use_backend`, or the
 environment variable ``NFD_FAST_BACKEND`` (read at import).

@@ -406,7 +406,15 @@ def _step_op(mode: str, x, *, model=None, uncond=None, noise=None, seed=None, t=
              prev=None, schedule=None, threshold=None, step=None, guidance=None, eta=0.0,
              clip=None, prediction_type="epsilon", fixed_large=False, alpha_one=True,
              clipped_eps=False, want_second=True):
-    """The public steps' one call into the registered op."""
+    """The public steps' one call into the registered op (or, with the "torch" setting,
+    the reference as plain PyTorch ops)."""
+    if backend.get_backend() == "torch":
+        out, out2 = reference_step(
+            mode, x, model, uncond, noise.float() if noise is not None else 0.0, t, prev,
+            schedule.alphas_cumprod, schedule.betas, threshold, step, guidance, eta, clip,
+            prediction_type, fixed_large, alpha_one, clipped_eps)
+        dtype = torch.float32 if mode in ("noise_sumsq", "noise_draw") else x.dtype
+        return out.to(dtype), (out2.to(x.dtype) if want_second else None)
     out, out2 = torch.ops.nfd_fast.diffusion_step(
         mode, x, model, uncond, noise, seed, t, prev, schedule.alphas_cumprod, schedule.betas,
         threshold, step, float(guidance or 0.0), float(eta), clip is not None,

@@ -420,6 +420,9 @@ def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
     to be chosen by GPU measurement; the gradients are the same up to float32 summation
     order)."""
     planes, fields = _validate(coords, fields, planes, combine, padding_mode)
+    if backend.get_backend() == "torch":  # the reference as plain PyTorch ops (inlined)
+        return reference_grid_lookup(coords, fields, planes, combine, bool(align_corners),
+                                     padding_mode)
     flat = [f for scale in fields for f in scale]
     return torch.ops.nfd_fast.grid_lookup(
         coords, flat, [a for axes in planes for a in axes], [len(axes) for axes in planes],
