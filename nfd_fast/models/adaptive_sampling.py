@@ -156,10 +156,10 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
     round). Metric: the field's MSE at 127 points per query count, and the queries each
     needs to reach the error target (the evenly spaced run's error at its last budget,
     or the given one)."""
-    n_train, n_held, steps, rounds = (400, 4, 60, 3) if quick else (3000, 12, 800, 6)
+    n_train, n_held, steps, rounds, draws = (400, 4, 60, 3, 4) if quick else (3000, 12, 800, 9, 6)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = AdaptiveField().to(device)
+    model = AdaptiveField(draws=draws).to(device)
     R = model.prior.fine_resolution(2)
     signals = bump_signals(n_train + n_held, R, generator=g).to(device)
     train, held = signals[:n_train], signals[n_train:]
