@@ -382,8 +382,11 @@ def check_special_values(case: Case, dtype, name: str, index: tuple, kind: str,
     values = dict(case.values)
     values[name] = values[name].clone()
     values[name][index] = SPECIAL[kind]
-    outs_k, _ = evaluate(case, "triton", kernel_dtype(dtype), grads=False, values=values)
-    outs_r, _ = evaluate(case, "torch", dtype, grads=False, values=values)
+    # the backward runs too: it must not crash either (its NaN placement is not compared:
+    # the backends differ on where a NaN point's field gradient goes)
+    outs_k, grads_k = evaluate(case, "triton", kernel_dtype(dtype), values=values)
+    outs_r, grads_r = evaluate(case, "torch", dtype, values=values)
+    assert all(grads_k[k].shape == grads_r[k].shape == case.values[k].shape for k in case.values)
     for i, (a, b) in enumerate(list(zip(outs_k, outs_r))[:outputs]):
         for test in (torch.isnan, torch.isposinf, torch.isneginf):
             ma, mb = test(a), test(b)
@@ -426,7 +429,7 @@ UNPADDED_HIDDEN = st.sampled_from([16, 32]).flatmap(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@settings(PROPERTY, max_examples=12)
+@settings(PROPERTY, max_examples=8)
 @given(data=st.data())
 def test_fused_mlp_nan_inf_and_huge_inputs(dtype, data):
     jacobian = data.draw(st.booleans(), label="jacobian")
@@ -504,7 +507,7 @@ def grid_nan_mask(case: Case, index: tuple) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@settings(PROPERTY, max_examples=8)
+@settings(PROPERTY, max_examples=5)
 @given(data=st.data())
 def test_grid_lookup_nan_inf_and_huge_coordinates(dtype, data):
     case = data.draw(grid_cases(), label="case")
