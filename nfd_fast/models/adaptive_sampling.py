@@ -156,7 +156,7 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
     round). Metric: the field's MSE at 127 points per query count, and the queries each
     needs to reach the error target (the evenly spaced run's error at its last budget,
     or the given one)."""
-    n_train, n_held, steps, rounds, draws = (400, 4, 60, 3, 4) if quick else (3000, 12, 800, 9, 6)
+    n_train, n_held, steps, rounds, draws = (400, 3, 40, 2, 3) if quick else (3000, 12, 800, 9, 6)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = AdaptiveField(draws=draws).to(device)

@@ -156,8 +156,8 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
     held-out targets (unobserved points of held-out signals) inside the predicted 95%
     interval, from the diffusion samples and from the one-pass Gaussian, against a plain
     baseline: the same mean with one constant variance fitted on training residuals."""
-    n_held, R, noise_std = (48, 128, 0.05) if quick else (100, 128, 0.05)
-    steps, batch, chains = (200, 32, 16) if quick else (1500, 64, 32)
+    n_held, R, noise_std = (24, 128, 0.05) if quick else (100, 128, 0.05)
+    steps, batch, chains = (120, 32, 8) if quick else (1500, 64, 32)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = StochasticField().to(device)
