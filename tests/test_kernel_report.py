@@ -119,9 +119,8 @@ def test_json_rows_of_the_cli(tmp_path, monkeypatch, capsys):
     assert launch["ctas"] >= 2**26 // 4096  # every element is covered at the canonical size
     assert "modelled" in capsys.readouterr().out
     again = kernel_report.report(cases=["ddim_step_2^26"])
-    assert again["stats"].get("compiles", 0) == 0
     if not again["stats"].get("captured"):  # (an edit of nfd_fast in between recaptures)
-        assert again["stats"]["hits"] == 1
+        assert again["stats"] == {"hits": 1}  # nothing captured or compiled again
         assert [r["modelled_ms"] for r in again["rows"]] == [r["modelled_ms"] for r in rep["rows"]]
 
 
