@@ -521,24 +521,23 @@ def test_grid_lookup_nan_inf_and_huge_coordinates(dtype, data):
                          expected_nan=lambda: {0: grid_nan_mask(case, index)})
 
 
-# The reference reads an out-of-range tap at the clamped edge sample times a zero weight,
-# so a NaN or Inf there leaks (see the two tests below): special field samples are checked
-# on the kernels, against grid_sample reading the same fields.
+# Special field samples on both backends, against grid_sample reading the same fields.
+@pytest.mark.parametrize("setting", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @settings(PROPERTY, max_examples=8)
 @given(data=st.data())
-def test_grid_lookup_special_field_samples_read_as_grid_sample(dtype, data):
+def test_grid_lookup_special_field_samples_read_as_grid_sample(setting, dtype, data):
     case = data.draw(grid_cases(), label="case")
     name, index = data.draw(elements(case).filter(lambda e: e[0] != "coords"), label="element")
     kinds = ["nan", "inf", "-inf"] + (["huge", "-huge"] if dtype == torch.float32 else [])
     kind = data.draw(st.sampled_from(kinds), label="kind")
     values = {k: v.to(dtype).double() for k, v in case.values.items()}
     values[name][index] = SPECIAL[kind]
-    (out,), _ = evaluate(case, "triton", dtype, grads=False, values=values)
+    (out,), _ = evaluate(case, setting, dtype, grads=False, values=values)
     want = grid_sample_features(case, values)
     for test in (torch.isnan, torch.isposinf, torch.isneginf):
         a, b = test(out).cpu(), test(want).cpu()
-        assert torch.equal(a, b), f"{test.__name__} kernel vs grid_sample: {where_differ(a, b)}"
+        assert torch.equal(a, b), f"{test.__name__} {setting} vs grid_sample: {where_differ(a, b)}"
     finite = torch.isfinite(want)
     if finite.any():
         assert_agree(out[finite], want[finite], TOL[dtype], "finite features")
@@ -587,11 +586,8 @@ def test_jacobian_at_a_nan_point_is_nan(backend, activation, final):
 
 
 
-@pytest.mark.xfail(strict=True, reason="grid_lookup on the torch backend: an out-of-range "
-                   "tap multiplies the clamped edge sample by a zero weight, so a NaN edge "
-                   "sample gives NaN at points outside the field with padding 'zeros' "
-                   "(grid_sample and the kernel give 0)")
 def test_grid_lookup_reference_nan_edge_sample_stays_out_of_outside_points():
+    """An out-of-range tap reads nothing: not even a NaN edge sample (grid_sample gives 0)."""
     field = torch.tensor([[math.nan, 1.0, 2.0]], device=DEVICE)  # a line, C = 1, L = 3
     coords = torch.tensor([[[-3.0], [0.0]]], device=DEVICE)
     with nfd_fast.use_backend("torch"):
@@ -599,10 +595,8 @@ def test_grid_lookup_reference_nan_edge_sample_stays_out_of_outside_points():
     assert out.flatten().tolist() == [0.0, 1.0]
 
 
-@pytest.mark.xfail(strict=True, reason="grid_lookup on the torch backend: an Inf field sample "
-                   "comes out NaN where an out-of-range tap with zero weight reads it (0 * Inf); "
-                   "grid_sample and the kernel give Inf")
 def test_grid_lookup_reference_inf_field_sample_reads_back_inf():
+    """An Inf sample read with weight 1 stays Inf (no 0 * Inf from an out-of-range tap)."""
     field = torch.tensor([[math.inf]], device=DEVICE)  # a one-sample line
     coords = torch.tensor([[[0.3]]], device=DEVICE)
     with nfd_fast.use_backend("torch"):

@@ -135,15 +135,18 @@ def _read_factor(coords: torch.Tensor, field: torch.Tensor, axes, align_corners:
         for (lower, frac, size, stride_j), upper in zip(taps, corner):
             pos = lower + upper
             weight = weight * (frac if upper else 1 - frac)
-            # out-of-range taps read index 0 and are masked ("zeros"; with "border" only
-            # a zero-weight upper tap at the last sample is out of range); NaN stays NaN
+            # out-of-range taps read a clamped index and are masked below ("zeros"; with
+            # "border" only a zero-weight upper tap past the last sample is out of range)
             valid = valid & (pos >= 0) & (pos <= size - 1)
             index = index + torch.nan_to_num(pos, nan=0.0).clamp(0, size - 1).long() * stride_j
         if flat.dim() == 3:  # per-sample field
             values = torch.gather(flat, 2, index.unsqueeze(1).expand(B, flat.shape[1], N))
         else:
             values = flat[:, index].transpose(0, 1)  # [C, B, N] -> [B, C, N]
-        out = out + (weight * valid).unsqueeze(1) * values
+        # an out-of-range tap contributes 0 * weight: nothing from the clamped sample it
+        # read (even NaN / Inf there), NaN for a NaN coordinate, and no field gradient
+        w = weight.unsqueeze(1)
+        out = out + torch.where(valid.unsqueeze(1), w * values, 0 * w)
     return out.transpose(1, 2)
 
 
