@@ -120,7 +120,8 @@ def test_json_rows_of_the_cli(tmp_path, monkeypatch, capsys):
     assert "modelled" in capsys.readouterr().out
     again = kernel_report.report(cases=["ddim_step_2^26"])
     if not again["stats"].get("captured"):  # (an edit of nfd_fast in between recaptures)
-        assert again["stats"] == {"hits": 1}  # nothing captured or compiled again
+        done = {k: v for k, v in again["stats"].items() if v}
+        assert done == {"hits": 1}  # nothing captured or compiled again
         assert [r["modelled_ms"] for r in again["rows"]] == [r["modelled_ms"] for r in rep["rows"]]
 
 
