@@ -9,7 +9,6 @@ a fit continues its checkpoint with --resume).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shlex
 import sys
@@ -173,32 +172,21 @@ def _render(args) -> int:
 # ------------------------------------------------------------------------------- demo
 
 
-def _run_demo(approach: int, out: Path, quick: bool, seed: int, device: str) -> str:
+def _run_demo(approach, out: Path, quick: bool, seed: int, device: str) -> str:
     """The approach's demo (nfd_fast.models.demo): writes the PNG, returns its metric line."""
     from . import models
-    from .models import latent_field
 
-    if approach == 1 and "quick" not in inspect.signature(latent_field.demo).parameters:
-        return _approach1_demo(out, quick, seed, device)
-    if not hasattr(models, "demo"):
-        raise ValueError(f"--approach {approach}: only approach 1 is available in this installation")
-    try:
-        return models.demo(approach, str(out), quick=quick, seed=seed, device=device)
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("nfd_fast.models"):
-            raise
-        raise ValueError(f"--approach {approach}: not available in this installation ({exc})") from exc
+    return models.demo(approach, str(out), quick=quick, seed=seed, device=device)
 
 
-def _approach1_demo(out: Path, quick: bool, seed: int, device: str) -> str:
-    """Approach 1 through its module's demo(out, signals=, epochs=), which predates the
-    shared (quick, seed, device) form."""
-    from .models.latent_field import demo
+def _approach(value: str):
+    """--approach: 1..10 or "ddmi"."""
+    from .models import APPROACHES
 
-    result = demo(str(out), signals=120 if quick else 1000, epochs=2 if quick else 15,
-                  device=device, seed=seed)
-    return (f"approach 1: held-out reconstruction MSE {result['mse']:.4f} "
-            f"({result['seconds']:.0f} s of training)")
+    key = value if value == "ddmi" else (int(value) if value.isdigit() else value)
+    if key not in APPROACHES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, APPROACHES))}, got {value!r}")
+    return key
 
 
 def _demo(args) -> int:
@@ -290,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start over, replacing --out and --preview if they exist")
 
     dem = _subcommand(sub, "demo", "train one approach's model briefly on synthetic data and plot it", _demo)
-    dem.add_argument("--approach", type=int, default=1, help="which approach (1..10)")
+    dem.add_argument("--approach", type=_approach, default=1, help="which approach (1..10, or ddmi)")
     dem.add_argument("--out", help="PNG path (default: approach<N>_demo.png)")
     dem.add_argument("--quick", action="store_true", help="a much shorter run (seconds to a minute)")
     dem.add_argument("--seed", type=int, default=0, help="seeds data, initialisation and sampling")

@@ -243,11 +243,14 @@ def test_demo_calls_the_approach_and_prints_its_line_last(tmp_path, capsys, monk
     fails(capsys, ["demo", "--out", tmp_path / "d.npy"], r"--out: expected a \.png path")
     with pytest.raises(SystemExit):  # the approach's own settings are not CLI options
         main(["demo", "--signals", "0"])
-    assert len(calls) == 1
+    assert main(["demo", "--approach", "ddmi", "--out", str(tmp_path / "ddmi.png")]) == 0
+    assert calls[-1][0] == "ddmi"
+    with pytest.raises(SystemExit):  # not an approach
+        main(["demo", "--approach", "11", "--out", str(tmp_path / "x.png")])
+    assert len(calls) == 2  # the two valid calls only
 
 
 def test_demo_of_approach_one_writes_its_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "demo.png"
     assert main(["demo", "--approach", "1", "--quick", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
