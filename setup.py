@@ -16,6 +16,7 @@ setup(
         "nfd_fast.nn",
         "nfd_fast.diffusion",
         "nfd_fast.models",
+        "nfd_fast.kernel_report",
         "nfd_fast.kernels",
         "nfd_fast.benchmarks",
     ],
