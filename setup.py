@@ -21,7 +21,7 @@ setup(
         "nfd_fast.benchmarks",
     ],
     package_dir={"nfd_fast.kernels": "kernels", "nfd_fast.benchmarks": "benchmarks"},
-    package_data={"nfd_fast": ["py.typed"]},
+    package_data={"nfd_fast": ["py.typed"], "nfd_fast.benchmarks": ["results/*.json"]},
     # torch is not pinned: a GPU user keeps the CUDA build they already have.
     # tqdm: progress bars; pillow: PNG previews and images for `nfd-fast fit`; matplotlib:
     # the demos' figures and the benchmark chart; scipy: the approach models' scattered-data

@@ -1,4 +1,4 @@
-"""The benchmark cases, at the canonical shapes the issues give (quick: small shapes)."""
+"""The benchmark cases, at canonical GPU shapes (quick: small shapes)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,7 @@ import torch
 import nfd_fast
 from nfd_fast.nn import Siren
 
-from .runner import Case, Rotating, Target, Work, register
+from .runner import CASES, Case, Rotating, Target, Work, register
 
 ROTATIONS = 3  # input sets per case; 3 x 2^22 x 2 float32 coordinates = 100 MB > L2
 
@@ -80,18 +80,18 @@ def _build_siren_train_step(device, quick):
     return work, {k: Rotating(f, coords) for k, f in impls.items()}
 
 
-ISSUE_2 = "issue 2 (H100)"
+MLP_GOAL = "fused-MLP goal (H100)"
 register(Case(
     "siren_inference", "Siren 2->256x3->3 forward, 2^22 coords (quick 2^14)",
     _build_siren_inference, gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]"),
-    targets=(Target("nfd_fast*", "speedup", 10.0, "eager", ISSUE_2),
-             Target("nfd_fast*", "speedup", 2.0, "compiled", ISSUE_2),
-             Target("nfd_fast[bf16]", "roofline", 0.5, source=ISSUE_2 + ", bf16 matmul rate"))))
+    targets=(Target("nfd_fast*", "speedup", 10.0, "eager", MLP_GOAL),
+             Target("nfd_fast*", "speedup", 2.0, "compiled", MLP_GOAL),
+             Target("nfd_fast[bf16]", "roofline", 0.5, source=MLP_GOAL + ", bf16 matmul rate"))))
 register(Case(
     "siren_train_step", "Siren 2->256x3->3 forward+backward (MSE), 2^22 coords (quick 2^14)",
     _build_siren_train_step,
     gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]", "nfd_fast[recompute]"),
-    targets=(Target("nfd_fast*", "speedup", 3.0, "eager", ISSUE_2),)))
+    targets=(Target("nfd_fast*", "speedup", 3.0, "eager", MLP_GOAL),)))
 
 
 def _build_modulated_siren(device, quick):
@@ -123,8 +123,8 @@ register(Case("modulated_siren_inference",
               _build_modulated_siren, gpu_only_impls=("nfd_fast[bf16]",)))
 
 
-# ---------------------------------------------------------------- diffusion steps (issue 4)
-ISSUE_4 = "issue 4 (H100)"
+# ------------------------------------------------------------------------ diffusion steps
+STEP_GOAL = "diffusion-step goal (H100)"
 
 
 def _ddim_step_impls(shape, device):
@@ -158,12 +158,12 @@ def _ddim_step_impls(shape, device):
 register(Case(
     "ddim_step_2^26", "one DDIM step (eta 1, per-sample t), 2^26 float32 elements (quick 2^16)",
     lambda device, quick: _ddim_step_impls((64, 2**10 if quick else 2**20), device),
-    targets=(Target("nfd_fast", "speedup", 5.0, "eager", ISSUE_4),
-             Target("nfd_fast", "roofline", 0.8, source=ISSUE_4 + ", copy bandwidth"))))
+    targets=(Target("nfd_fast", "speedup", 5.0, "eager", STEP_GOAL),
+             Target("nfd_fast", "roofline", 0.8, source=STEP_GOAL + ", copy bandwidth"))))
 register(Case(
     "ddim_step_ddmi_latent", "one DDIM step on a DDMI latent batch 64 x 64x64x64 (quick 8 x 8^3)",
     lambda device, quick: _ddim_step_impls((8, 8, 8, 8) if quick else (64, 64, 64, 64), device),
-    targets=(Target("nfd_fast", "speedup", 5.0, "eager", ISSUE_4),)))
+    targets=(Target("nfd_fast", "speedup", 5.0, "eager", STEP_GOAL),)))
 
 
 class _TimeMLP(torch.nn.Module):
@@ -210,8 +210,8 @@ register(Case("ddim_loop_50", "50-step DDIM loop, MLP denoiser, batch 256 x 64 (
               _build_ddim_loop, gpu_only_impls=("nfd_fast[graph]",), impls=("eager", "nfd_fast")))
 
 
-# ---------------------------------------------------------------- grid lookup (issue 3)
-ISSUE_3 = "issue 3 (H100)"
+# ---------------------------------------------------------------------------- grid lookup
+GRID_GOAL = "grid-lookup goal (H100)"
 
 # (B, points, planes, per-scale spatial sizes, channels, combine, align_corners); quick
 GRID_CONFIGS = {
@@ -282,18 +282,18 @@ for _config, _label in (("ddmi_image", "DDMI image fields 64^2/128^2/256^2 x 64,
                         ("ddmi_triplane", "DDMI tri-planes 16^2/32^2/64^2 x 64, B=8, 2^18 points, sum")):
     register(Case(f"grid_{_config}_fwd", f"{_label}: forward", _build_grid(_config, False),
                   gpu_only_impls=("nfd_fast[channels_last]",),
-                  targets=(Target("nfd_fast*", "speedup", 3.0, "eager", ISSUE_3),
+                  targets=(Target("nfd_fast*", "speedup", 3.0, "eager", GRID_GOAL),
                            Target("nfd_fast*", "roofline", 0.5,
-                                  source=ISSUE_3 + ", within 2x of the bandwidth floor"))))
+                                  source=GRID_GOAL + ", within 2x of the bandwidth floor"))))
     register(Case(f"grid_{_config}_fwd_bwd", f"{_label}: forward + backward (field grads)",
                   _build_grid(_config, True),
                   gpu_only_impls=("nfd_fast[channels_last]", "nfd_fast[sorted]"),
                   targets=(Target("nfd_fast*", "speedup", 5.0, "eager",
-                                  ISSUE_3 + " (backward >= 5x; judged on forward + backward)"),)))
+                                  GRID_GOAL + " (backward >= 5x; judged on forward + backward)"),)))
 
 
-# ------------------------------------------------------------------- rendering (issue 5)
-ISSUE_5 = "issue 5 (H100)"
+# ------------------------------------------------------------------------------ rendering
+RENDER_GOAL = "render goal (H100)"
 
 
 def _build_gigapixel(device, quick):
@@ -347,49 +347,58 @@ def _build_kplanes_query(device, quick):
 register(Case("render_gigapixel", "Siren 2->256x3->3 rendered on 32768^2 (1.07e9 coords; quick 256^2)",
               _build_gigapixel, gpu_only_impls=("nfd_fast[bf16]", "nfd_fast[fp16]"),
               impls=("nfd_fast", "eager"),  # eager at quick sizes only
-              targets=(Target("nfd_fast*", "time", 1500.0, source=ISSUE_5 + ", fp16/bf16 compute"),)))
+              targets=(Target("nfd_fast*", "time", 1500.0, source=RENDER_GOAL + ", fp16/bf16 compute"),)))
 register(Case("render_kplanes_4d", "4-D query 128^3 x 64 through K-planes + MLP (quick 8^3 x 4)",
               _build_kplanes_query, impls=("eager", "nfd_fast")))
 
 
-# ------------------------------------------------------------------ approach 1 (issue 7)
-def _build_approach1(kind: str):
+# ------------------------------------------------------ the approaches' models and DDMI
+def adam_step(parameters, loss_fn, input_sets: list, lr: float = 1e-4) -> Rotating:
+    """A callable doing one Adam step on loss_fn(*inputs) per call (a loss tensor or a dict
+    of losses, summed), the inputs rotating over input_sets. The optimizer lives across
+    calls, as in training; the small rate keeps the model comparable between the
+    implementations timed one after the other."""
+    opt = torch.optim.Adam([p for p in parameters if p.requires_grad], lr=lr)
+
+    def step(*inputs):
+        loss = loss_fn(*inputs)
+        if isinstance(loss, dict):
+            loss = sum(loss.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return Rotating(step, input_sets)
+
+
+def _build_model_case(approach, call: str, label: str):
+    """A case timing one call of a model module's benchmark_calls(device, quick):
+    {"train_step": one optimizer step on a synthetic batch, "sampling": one sampling pass,
+    "points": {call: field points evaluated per call}, "describe": the sizes}. The sizes
+    are the model's own, known once built: the case's description is completed then."""
     def build(device, quick):
-        from nfd_fast.models import LatentField
-        from nfd_fast.models.latent_field import observation_mask, toy_signals
+        from nfd_fast.models import APPROACHES, approach_module
 
-        torch.manual_seed(0)
-        model = LatentField().to(device)
-        batch = 32 if quick else 256
-        g = torch.Generator().manual_seed(0)
-        sets = [(toy_signals(batch, generator=g).to(device), observation_mask(batch, generator=g).to(device))
-                for _ in range(ROTATIONS)]
-        if kind == "train":
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)  # tiny steps: the model stays comparable
-
-            def step(x, m):
-                losses = model.losses(x, m)
-                opt.zero_grad()
-                (losses["reconstruction"] + losses["diffusion"]).backward()
-                opt.step()
-
-            impls = {"eager": Rotating(_with_backend("torch", step), sets),
-                     "nfd_fast": Rotating(_with_backend("auto", step), sets)}
-            points = batch * 256
-        else:
-            steps = 10 if quick else 100
-
-            def generate():
-                return model.generate(batch, 256, steps=steps)
-
-            impls = {"eager": _with_backend("torch", generate), "nfd_fast": _with_backend("auto", generate)}
-            points = batch * 256
+        calls = approach_module(approach).benchmark_calls(device, quick)
+        CASES[f"{APPROACHES[approach]}_{call}"].description = f"{label}: {calls['describe']}"
+        points = calls["points"][call]
+        impls = {"eager": _with_backend("torch", calls[call]),
+                 "nfd_fast": _with_backend("auto", calls[call])}
         return Work(flops=0.0, bytes=4.0 * points, coords=points), impls
 
     return build
 
 
-register(Case("approach1_train_step", "approach 1 dual-loss training step, batch 256 x 256 samples (quick 32)",
-              _build_approach1("train"), impls=("eager", "nfd_fast")))
-register(Case("approach1_sampling", "approach 1: 100 DDIM steps on 256 latents + decode at 256 points (quick 32, 10 steps)",
-              _build_approach1("sample"), impls=("eager", "nfd_fast")))
+def _register_models():
+    """Cases "<module>_train_step" and "<module>_sampling" for every model in APPROACHES."""
+    from nfd_fast.models import APPROACHES
+
+    for approach, module in APPROACHES.items():
+        name = "DDMI" if approach == "ddmi" else f"approach {approach}"
+        for call, what in (("train_step", "one training step"), ("sampling", "one sampling pass")):
+            label = f"{name} ({module}), {what}"
+            register(Case(f"{module}_{call}", f"{label}: sizes known once built",
+                          _build_model_case(approach, call, label), impls=("eager", "nfd_fast")))
+
+
+_register_models()

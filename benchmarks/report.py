@@ -3,6 +3,7 @@ targets' verdicts, and a bar chart of speed-ups.
 
     python -m nfd_fast.benchmarks.report RESULT.json [--md OUT.md] [--png OUT.png]
     python -m nfd_fast.benchmarks.report --readme README.md   # newest benchmarks/results/*.json
+                                                              # (measured, and modelled)
 """
 from __future__ import annotations
 
@@ -25,23 +26,49 @@ def _num(x: Optional[float], fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def format_table(report: dict) -> str:
-    """The per-implementation table, valid markdown."""
-    lines = ["| case | impl | median ms | 20-80% ms | 1st call s | Mcoords/s | TFLOP/s | roofline "
-             "| peak MB | vs eager | vs compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def format_table(report: dict, speedups: bool = True) -> str:
+    """The per-implementation table, valid markdown. speedups=False leaves out the ratio
+    columns (on a CPU nfd_fast runs the reference: a ratio would time it against itself)."""
+    head = ("| case | impl | median ms | 20-80% ms | 1st call s | Mcoords/s | TFLOP/s | roofline "
+            "| peak MB |")
+    lines = [head + (" vs eager | vs compiled |" if speedups else ""),
+             "|---" * (11 if speedups else 9) + "|"]
     for row in report["rows"]:
         times = {n: r["median_ms"] for n, r in row["impls"].items()}
         for name, r in row["impls"].items():
-            lines.append(
-                f"| {row['case']} | {name} | {r['median_ms']:.3f} | {r['q20_ms']:.3f}-{r['q80_ms']:.3f} "
-                f"| {_num(r.get('compile_s'), '.2f')} | {r['coords_per_s'] / 1e6:.2f} "
-                f"| {r['tflops']:.3f} | {_num(r['roofline_fraction'], '.0%')} "
-                f"| {_num(r['peak_mem_mb'], '.0f')} "
-                f"| {_ratio(times['eager'] / r['median_ms'] if 'eager' in times else None)} "
-                f"| {_ratio(times['compiled'] / r['median_ms'] if 'compiled' in times else None)} |")
+            line = (f"| {row['case']} | {name} | {r['median_ms']:.3f} | {r['q20_ms']:.3f}-{r['q80_ms']:.3f} "
+                    f"| {_num(r.get('compile_s'), '.2f')} | {r['coords_per_s'] / 1e6:.2f} "
+                    f"| {r['tflops']:.3f} | {_num(r['roofline_fraction'], '.0%')} "
+                    f"| {_num(r['peak_mem_mb'], '.0f')} |")
+            if speedups:
+                line += (f" {_ratio(times['eager'] / r['median_ms'] if 'eager' in times else None)} "
+                         f"| {_ratio(times['compiled'] / r['median_ms'] if 'compiled' in times else None)} |")
+            lines.append(line)
         for name, why in row["skipped"].items():
-            lines.append(f"| {row['case']} | {name} | skipped: {why} | | | | | | | | |")
+            lines.append(f"| {row['case']} | {name} | skipped: {why} |" + " |" * (8 if speedups else 6))
+    return "\n".join(lines)
+
+
+def is_modelled(result: dict) -> bool:
+    """Whether a results JSON is `nfd-fast kernels` output (modelled) rather than a GPU run."""
+    return "modelled" in str(result.get("label", ""))
+
+
+def format_modelled(result: dict) -> str:
+    """The modelled table (`nfd-fast kernels --json` output) as markdown, labelled."""
+    env = result.get("environment", {})
+    eager = {r["case"]: r["modelled_ms"] for r in result["rows"] if r["impl"] == "eager"}
+    lines = [f"Modelled, not measured: {result['label']}; target {env.get('target', '?')}, "
+             f"triton {env.get('triton', '?')}, {env.get('date', '?')}, sources "
+             f"{env.get('sources_digest', '?')}. Eager and torch.compile rows are their byte and "
+             "FLOP floors (optimistic), so modelled speed-ups are lower bounds.", "",
+             "| case | impl | modelled ms | vs eager (modelled) | bound |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        speed = eager.get(r["case"])
+        ratio = _ratio(speed / r["modelled_ms"]) if speed and r["impl"] != "eager" else "-"
+        lines.append(f"| {r['case']} | {r['impl']} | {r['modelled_ms']:.3f} | {ratio} | {r['bound']} |")
+    for name, err in result.get("errors", {}).items():
+        lines.append(f"| {name} | not modelled: {err.splitlines()[-1][:120] if err else ''} | | | |")
     return "\n".join(lines)
 
 
@@ -110,11 +137,14 @@ def plot_speedups(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def newest_result(results_dir: str) -> Optional[str]:
-    files = glob.glob(os.path.join(results_dir, "*.json"))
-    if not files:
-        return None
-    return max(files, key=lambda f: json.load(open(f, encoding="utf-8"))["environment"]["date"])
+def newest_result(results_dir: str, modelled: bool = False) -> Optional[str]:
+    """The newest GPU-measured results JSON (or, with modelled, `nfd-fast kernels` output)."""
+    found = []
+    for path in glob.glob(os.path.join(results_dir, "*.json")):
+        result = json.load(open(path, encoding="utf-8"))
+        if is_modelled(result) == modelled:
+            found.append((result["environment"]["date"], path))
+    return max(found)[1] if found else None
 
 
 def update_readme(readme: str, results_dir: str) -> str:
@@ -123,12 +153,18 @@ def update_readme(readme: str, results_dir: str) -> str:
     if README_BEGIN not in text or README_END not in text:
         raise ValueError(f"{readme}: no performance-table markers ({README_BEGIN!r} ... {README_END!r})")
     newest = newest_result(results_dir)
+    here = os.path.dirname(os.path.abspath(readme))
     if newest is None:
-        body = ("No GPU results are committed yet (`benchmarks/results/` has no JSON), so there are "
-                "no measured GPU figures to show.")
+        body = ("No GPU measurements are committed yet (`benchmarks/results/` holds no measured "
+                "JSON), so there are no measured GPU figures to show.")
     else:
-        body = f"From `{os.path.relpath(newest, os.path.dirname(os.path.abspath(readme)))}`:\n\n"
+        body = f"Measured, from `{os.path.relpath(newest, here)}`:\n\n"
         body += format_markdown(json.load(open(newest, encoding="utf-8")))
+    modelled = newest_result(results_dir, modelled=True)
+    if modelled is not None:
+        body += (f"\n\nModelled H100 times from `nfd-fast kernels` "
+                 f"(`{os.path.relpath(modelled, here)}`):\n\n")
+        body += format_modelled(json.load(open(modelled, encoding="utf-8")))
     start = text.index(README_BEGIN) + len(README_BEGIN)
     new = text[:start] + "\n" + body + "\n" + text[text.index(README_END):]
     with open(readme, "w", encoding="utf-8") as f:

@@ -39,7 +39,7 @@ class Work:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A goal an issue sets for a case, judged on a GPU at the canonical size.
+    """A goal set for a case, judged on a GPU at the canonical size.
 
     kind "speedup": time(baseline) / time(impl) >= threshold;
     kind "roofline": fraction of the measured roofline >= threshold;

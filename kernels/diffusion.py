@@ -1,7 +1,7 @@
 """Triton kernels of the fused diffusion steps: one elementwise kernel family, one pass over
 memory per step, per-sample timesteps read on the device (no host sync, graph-capturable).
 
-Notation (../shared/reference/diffusion.md): a_t = alphas_cumprod[t], b_t = 1 - a_t,
+Notation (the common scheduler conventions): a_t = alphas_cumprod[t], b_t = 1 - a_t,
 a_p = alphas_cumprod[prev] (prev < 0: the final value), b_p = 1 - a_p.
 
 Modes (constexpr MODE):

@@ -60,10 +60,13 @@ def _bench(args) -> int:
         print(f"# measured ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, "
               f"copy {c['copy_gbps']:.0f} GB/s")
     else:
-        print("# no GPU: nfd_fast runs its CPU path (the reference); Triton variants need a GPU")
-    print(reports.format_table(report))
+        print("# no GPU: nfd_fast runs its CPU path (the reference), so these CPU timings show "
+              "no speed-up; the Triton variants need a GPU")
+    on_gpu = bool(report["ceilings"])
+    print(reports.format_table(report, speedups=on_gpu))
     print()
     print(reports.format_targets(report))
+    _print_modelled(reports, only=args.only)
     if args.json:
         runner.write_json(report, args.json)
         print(f"# wrote {args.json}")
@@ -75,6 +78,29 @@ def _bench(args) -> int:
         reports.plot_speedups(report, args.png)
         print(f"# wrote {args.png}")
     return 0
+
+
+def _print_modelled(reports, only=None) -> None:
+    """The committed modelled H100 table (`nfd-fast kernels`), labelled as modelled, and
+    whether it was computed for these sources."""
+    import json
+
+    from . import kernel_report
+
+    results = os.path.join(os.path.dirname(os.path.abspath(reports.__file__)), "results")
+    path = reports.newest_result(results, modelled=True)
+    if path is None:
+        print("\n# no modelled H100 table committed: `nfd-fast kernels` computes one")
+        return
+    result = json.load(open(path, encoding="utf-8"))
+    if only:
+        result = {**result, "rows": [r for r in result["rows"] if r["case"] in only]}
+    fresh = result.get("environment", {}).get("sources_digest") == kernel_report._sources_digest()
+    print(f"\n# modelled H100 times, not measured ({os.path.basename(path)}; "
+          + ("computed for these sources" if fresh else
+             "computed for an earlier version of the kernels: `nfd-fast kernels` recomputes")
+          + ")")
+    print(reports.format_modelled(result))
 
 
 # -------------------------------------------------------------------------------- fit

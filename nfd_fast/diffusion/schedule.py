@@ -1,4 +1,4 @@
-"""Noise schedules, built exactly as ../shared/reference/diffusion.md says."""
+"""Noise schedules, built as the common scheduler library builds them."""
 from __future__ import annotations
 
 import math
