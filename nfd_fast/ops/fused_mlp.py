@@ -12,8 +12,9 @@ silu or identity, chosen per hidden layer, each with its own w0.
 
 Shapes: x [N, in] or [B, N, in]; W_l [out, in] (nn.Linear layout, shared) or
 [B, out, in] (per sample); b_l [out] or [B, out]; scale/shift/mult of hidden layer l
-[width] or [B, width]. Widths: in 1..64, hidden 1..512 (16..512 is the fused kernel's
-design range; any width works, padded to a power of two), out 1..64.
+[width] or [B, width]. Widths: any >= 1. The fused kernels take in, hidden and out up to
+512 (padded to powers of two inside; in up to 64 for the value-and-Jacobian kernel); wider
+MLPs run the reference on every backend, the reason given once (kernel_refusal).
 
 What is fused (backend "triton"): the forward evaluates all layers for a tile of rows
 with the hidden state kept on chip (see kernels/fused_mlp.py). For training it saves the
@@ -34,8 +35,12 @@ libdevice's sinf by a range-reduced polynomial (absolute error < 4e-7 at |x| < 1
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
+import warnings
+import weakref
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -47,7 +52,11 @@ from ._device import constant_table, pad_pow2
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
-MAX_IN, MAX_HIDDEN, MAX_OUT = 64, 512, 64
+# The fused kernels' width limits; wider layers run through the reference (which has no
+# limits), with the reason given once (see kernel_refusal).
+MAX_IN, MAX_HIDDEN, MAX_OUT = 512, 512, 512
+# The value-and-Jacobian kernel stacks one tangent block of rows per input: in <= 64.
+MAX_JACOBIAN_IN = 64
 
 # The tensor arguments of the op, grouped, in the order the op takes them.
 MLP_TENSOR_GROUPS = ("x", "weights", "biases", "scale", "shift", "mult")
@@ -124,6 +133,22 @@ def _per_layer(value, count: int, name: str) -> list:
 
 def _layer_activations(activation, w0, first_w0, final_activation, final_w0,
                        leaky_slope, leaky_gain, hidden: int) -> list:
+    frozen = [tuple(v) if isinstance(v, list) else v for v in (activation, w0)]
+    try:  # the same options every call (a module's): built once
+        return list(_cached_activations(*frozen, first_w0, final_activation, final_w0,
+                                        leaky_slope, leaky_gain, hidden))
+    except TypeError:  # unhashable options (tensors, generators): built here
+        return _build_activations(activation, w0, first_w0, final_activation, final_w0,
+                                  leaky_slope, leaky_gain, hidden)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_activations(*args) -> tuple:
+    return tuple(_build_activations(*args))
+
+
+def _build_activations(activation, w0, first_w0, final_activation, final_w0,
+                       leaky_slope, leaky_gain, hidden: int) -> list:
     kinds = _per_layer(activation, hidden, "activation") + [final_activation or "identity"]
     w0s = [float(v) for v in _per_layer(w0, hidden, "w0")]
     if first_w0 is not None:
@@ -140,7 +165,7 @@ def _layer_activations(activation, w0, first_w0, final_activation, final_w0,
 def _check_tensor(t: torch.Tensor, name: str, shapes: list, x: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if tuple(t.shape) not in [tuple(s) for s in shapes]:
+    if t.shape not in shapes:  # torch.Size equals the tuple of its sizes
         want = " or ".join(str(list(s)) for s in shapes)
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if t.device != x.device:
@@ -168,8 +193,8 @@ def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first
     xb = x.unsqueeze(0) if squeeze else x
     batch = xb.shape[0]
     in_features = xb.shape[-1]
-    if not 1 <= in_features <= MAX_IN:
-        raise ValueError(f"x: in_features must be in 1..{MAX_IN}, got {in_features}")
+    if in_features < 1:
+        raise ValueError(f"x: in_features must be at least 1, got {in_features}")
 
     def per_sample_shapes(shape):
         return [shape] if squeeze else [shape, (batch, *shape)]
@@ -185,10 +210,8 @@ def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first
     hidden, out_features = widths[1:-1], widths[-1]
     if min(hidden) < 1:
         raise ValueError(f"weights: hidden widths must be at least 1, got {min(hidden)}")
-    if max(hidden) > MAX_HIDDEN:
-        raise ValueError(f"weights: hidden widths must be at most {MAX_HIDDEN}, got {max(hidden)}")
-    if not 1 <= out_features <= MAX_OUT:
-        raise ValueError(f"weights[-1]: out_features must be in 1..{MAX_OUT}, got {out_features}")
+    if out_features < 1:
+        raise ValueError(f"weights[-1]: out_features must be at least 1, got {out_features}")
 
     L = len(weights)
     biases = [None] * L if biases is None else list(biases)
@@ -238,6 +261,42 @@ def _float32_matmul_precision() -> str:
     recompiles when TF32 is switched on or off ("highest" <-> "high" / "medium"); between
     "high" and "medium" a compiled graph keeps the mode it was traced with."""
     return torch.get_float32_matmul_precision()
+
+
+def kernel_refusal(widths: Sequence[int], jacobian: bool = False) -> Optional[str]:
+    """Why the fused kernels do not take an MLP of these widths ([in, hidden..., out]), in
+    one line, or None when they do. Such calls run the reference instead."""
+    try:
+        return _cached_refusal(tuple(widths), jacobian)
+    except TypeError:  # symbolic widths (a fake implementation under dynamic shapes)
+        return _refusal(widths, jacobian)
+
+
+def _refusal(widths: Sequence[int], jacobian: bool) -> Optional[str]:
+    limits = (("in", widths[0], MAX_JACOBIAN_IN if jacobian else MAX_IN),
+              ("hidden", max(widths[1:-1]), MAX_HIDDEN), ("out", widths[-1], MAX_OUT))
+    over = [f"{name} width {w} > {limit}" for name, w, limit in limits if w > limit]
+    if not over:
+        return None
+    what = "value-and-Jacobian kernel" if jacobian else "fused kernel"
+    return f"fused_mlp: {', '.join(over)} is beyond the {what}; running the reference"
+
+
+_cached_refusal = functools.lru_cache(maxsize=256)(_refusal)
+
+
+_WARNED_REFUSALS: set = set()
+
+
+def _takes_kernel(widths: Sequence[int], jacobian: bool = False) -> bool:
+    """True when the kernel takes these widths; else warns (once per reason) and False."""
+    reason = kernel_refusal(widths, jacobian)
+    if reason is None:
+        return True
+    if reason not in _WARNED_REFUSALS:
+        _WARNED_REFUSALS.add(reason)
+        warnings.warn(reason, stacklevel=3)
+    return False
 
 
 def _per_layer_tensors(value, count: int, name: str) -> list:
@@ -422,6 +481,11 @@ class _Geometry:
 
     @staticmethod
     def of(widths: list, precision: str) -> "_Geometry":
+        return _Geometry._of(tuple(widths), precision)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _of(widths: tuple, precision: str) -> "_Geometry":
         """Tile sizes chosen from sm_90 compile reports (tests/sm90_compile.py): the
         largest tiles that compile without register spills and within shared memory.
         The forward holds h and the next layer's accumulator, [BLOCK_M, HID_PAD] float32
@@ -454,6 +518,30 @@ class _Packed:
 
 
 def _pack_params(p: MLPInputs, g: _Geometry) -> _Packed:
+    """The packed parameters, copied once per parameter version (see _packed): weights and
+    biases together, the modulations (often new tensors every call) apart."""
+    L, D, dev = p.num_layers, g.d, p.x.device
+    widths = p.widths()
+
+    def weights_and_bias():
+        bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev)
+        return (*_pack_weights(p, g), bias)
+
+    def modulations():
+        return tuple(_pack_vectors(getattr(p, name), p.batch, L - 1, g.hid_pad, fill,
+                                   widths[1:], dev)
+                     for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0)))
+
+    params = _packed(("params", p.precision, g), [*p.weights, *p.biases], weights_and_bias)
+    mod_tensors = [*p.scale, *p.shift, *p.mult]
+    mods = (None, None, None) if all(t is None for t in mod_tensors) else \
+        _packed(("mods", g.hid_pad), mod_tensors, modulations)
+    act = constant_table(tuple((a.w0, a.slope, a.gain) for a in p.acts), torch.float32, dev)
+    return _Packed(*params, *mods, act)
+
+
+def _pack_weights(p: MLPInputs, g: _Geometry) -> tuple:
+    """(W_0 as [Bw, HID_PAD, IN_PAD] float32, W_1 .. W_{L-1} as [Bw, L-1, D, D])."""
     L, D, dev = p.num_layers, g.d, p.x.device
     widths = p.widths()
     bw = p.batch if any(w.dim() == 3 for w in p.weights) else 1
@@ -463,11 +551,36 @@ def _pack_params(p: MLPInputs, g: _Geometry) -> _Packed:
                     dtype=_PACK_DTYPE.get(p.precision, torch.float32))
     for l in range(1, L):
         w[:, l - 1, : widths[l + 1], : widths[l]] = p.weights[l]
-    bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev)
-    mods = {name: _pack_vectors(getattr(p, name), p.batch, L - 1, g.hid_pad, fill, widths[1:], dev)
-            for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0))}
-    act = constant_table(tuple((a.w0, a.slope, a.gain) for a in p.acts), torch.float32, dev)
-    return _Packed(first, w, bias, mods["scale"], mods["shift"], mods["mult"], act)
+    return first, w
+
+
+# Packed copies by parameter version: key -> (weak references to the source tensors, value).
+# A key holds each source's id, data_ptr and version counter (bumped by every in-place
+# update, e.g. an optimizer step); the weak references make sure a hit is the very same
+# tensors, not new ones that reuse a freed address and id. Least recently used go first.
+_PACK_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_PACK_CACHE_SIZE = 32
+
+
+def _packed(kind: tuple, sources: Sequence[Optional[torch.Tensor]], build: Callable):
+    """build()'s result for these sources, computed once per version of them."""
+    if any(t is not None and t.is_cuda for t in sources) and torch.cuda.is_current_stream_capturing():
+        return build()  # a captured graph must repack on replay: the parameters may change
+    key = (kind, tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in sources))
+    hit = _PACK_CACHE.get(key)
+    if hit is not None and all(r is None if t is None else r() is t
+                               for r, t in zip(hit[0], sources)):
+        _PACK_CACHE.move_to_end(key)
+        return hit[1]
+    value = build()
+    _PACK_CACHE[key] = ([None if t is None else weakref.ref(t) for t in sources], value)
+    stale = [k for k, (refs, _) in _PACK_CACHE.items() if any(r is not None and r() is None
+                                                                for r in refs)]
+    for k in stale:  # sources gone: their copies can never hit again
+        del _PACK_CACHE[k]
+    while len(_PACK_CACHE) > _PACK_CACHE_SIZE:
+        _PACK_CACHE.popitem(last=False)
+    return value
 
 
 def _pack_vectors(entries, batch, count, width, fill, widths, device) -> Optional[torch.Tensor]:
@@ -489,22 +602,35 @@ def _stride0(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None or t.shape[0] == 1 else t.stride(0)
 
 
+_KERNELS = []
+
+
+def _kernels():
+    """nfd_fast.kernels.fused_mlp, imported on first use (Triton may be absent)."""
+    if not _KERNELS:
+        from ..kernels import fused_mlp as K
+
+        _KERNELS.append(K)
+    return _KERNELS[0]
+
+
+@functools.lru_cache(maxsize=None)
 def _dot_config(precision: str):
     """(DOT_KIND, input_precision) of the kernels' tl.dot for a precision mode."""
-    from ..kernels import fused_mlp as K
-
+    K = _kernels()
     kind = {"fp16": K.DOT_FP16, "bf16": K.DOT_BF16}.get(precision, K.DOT_FP32)
     return kind.value, ("ieee" if precision in ("fp16", "bf16") else precision)
 
 
 def _hidden_act_codes(p: MLPInputs) -> int:
     """The hidden layers' activation codes packed into the kernel's ACTS bit-field."""
-    from ..kernels import fused_mlp as K
+    return _act_field(tuple(a.kind for a in p.acts[:-1]))
 
-    acts = 0
-    for l, a in enumerate(p.acts[:-1]):
-        acts += ACTIVATIONS.index(a.kind) * K.ACT_BASE.value ** l
-    return acts
+
+@functools.lru_cache(maxsize=256)
+def _act_field(kinds: tuple) -> int:
+    base = _kernels().ACT_BASE.value
+    return sum(ACTIVATIONS.index(kind) * base ** l for l, kind in enumerate(kinds))
 
 
 def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None,
@@ -515,7 +641,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
     coordinates in the kernel (p.x gives the shape)."""
     import triton
 
-    from ..kernels import fused_mlp as K
+    K = _kernels()
 
     B, N, IN = p.x.shape
     M, L, OUT = B * N, p.num_layers, p.widths()[-1]
@@ -550,7 +676,7 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
     column sums [4, B, HID_PAD] of dz, du, du*z, g*act); layer = -1: returns dx."""
     import triton
 
-    from ..kernels import fused_mlp as K
+    K = _kernels()
 
     B, N, IN = p.x.shape
     M = B * N
@@ -660,7 +786,7 @@ def fused_mlp_grid_evaluator(arguments: dict, sizes: Sequence[int], affine, axes
     these parameters on `device` (the caller then evaluates coordinates it makes)."""
     probe = torch.empty(1, 1, len(axes), device=device, dtype=arguments["weights"][0].dtype)
     p0 = prepare_inputs(probe, **arguments)
-    if backend.resolve("fused_mlp", *p0.tensors()) != "triton":
+    if backend.resolve("fused_mlp", *p0.tensors()) != "triton" or not _takes_kernel(p0.widths()):
         return None
     axes_field = 0
     for c, a in enumerate(axes):
@@ -701,17 +827,29 @@ def _placed(tensors, mask: int, count: int) -> list:
     return [next(it) if mask >> l & 1 else None for l in range(count)]
 
 
+@functools.lru_cache(maxsize=256)
+def _activations_of(codes: tuple, w0: tuple, slope: float, gain: float) -> list:
+    return [LayerActivation(ACTIVATIONS[c], w, slope, gain) for c, w in zip(codes, w0)]
+
+
 def _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
                mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
                recompute) -> MLPInputs:
     """The op's flat arguments back to an MLPInputs (x arrives batched)."""
     L = len(weights)
-    acts = [LayerActivation(ACTIVATIONS[c], w, leaky_slope, leaky_gain)
-            for c, w in zip(activations, w0)]
+    acts = _activations_of(tuple(activations), tuple(w0), leaky_slope, leaky_gain)
     return MLPInputs(x, list(weights), _placed(biases, bias_mask, L),
                      _placed(scale, scale_mask, L - 1), _placed(shift, shift_mask, L - 1),
                      _placed(mult, mult_mask, L - 1), acts, x.shape[0], False, precision,
                      fast_sine, recompute)
+
+
+def _runs_reference(p: MLPInputs, backend_setting: str, jacobian: bool = False) -> bool:
+    """The reference serves this call: the backend says so, the batch is empty, or the
+    kernel does not take the widths (said once per reason)."""
+    # prepare_inputs gave every tensor x's dtype and device: x alone decides the backend
+    return backend.resolve("fused_mlp", p.x, setting=backend_setting) == "torch" \
+        or p.x.numel() == 0 or not _takes_kernel(p.widths(), jacobian)
 
 
 @torch.library.custom_op("nfd_fast::fused_mlp", mutates_args=())
@@ -726,8 +864,7 @@ def _fused_mlp_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
     p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
                    mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
                    recompute)
-    if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
-            or x.numel() == 0:
+    if _runs_reference(p, backend_setting):
         return reference_forward(p), empty_f32(x), empty_f32(x)
     y, z, zf = kernel_forward(p, save_z=save_activations and not recompute)
     return y, empty_f32(x) if z is None else z, empty_f32(x) if zf is None else zf
@@ -741,7 +878,9 @@ def _fused_mlp_fake(x, weights, biases, bias_mask, scale, scale_mask, shift, shi
     out = weights[-1].shape[-2]
     y = x.new_empty(B, N, out)
     tensors = [x, *weights, *biases, *scale, *shift, *mult]
+    widths = [x.shape[-1]] + [w.shape[-2] for w in weights]
     saved = save_activations and not recompute and x.numel() > 0 and \
+        kernel_refusal(widths) is None and \
         backend.resolve("fused_mlp", *tensors, setting=backend_setting) == "triton"
     if not saved:
         return y, empty_f32(x), empty_f32(x)
@@ -765,8 +904,7 @@ def _fused_mlp_backward_op(grad_y: torch.Tensor, z: torch.Tensor, zf: torch.Tens
     p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
                    mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
                    recompute)
-    if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
-            or x.numel() == 0:
+    if _runs_reference(p, backend_setting):
         grads = mlp_reference_vjp(p, grad_y, needs, create_graph=False)
     else:
         saved = z.numel() > 0 or p.x.numel() == 0
@@ -847,8 +985,7 @@ def _fused_mlp_jacobian_op(x: torch.Tensor, weights: List[torch.Tensor],
     p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask, mult,
                    mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
                    False)
-    if backend.resolve("fused_mlp", *p.tensors(), setting=backend_setting) == "torch" \
-            or x.numel() == 0:
+    if _runs_reference(p, backend_setting, jacobian=True):
         y, jac = reference_forward_with_jacobian(p)
         return y, jac.contiguous()  # the fake's (and the kernel's) layout
     return kernel_forward_with_jacobian(p)
