@@ -141,14 +141,22 @@ def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constex
 
 @triton.jit
 def _matmul(a, b, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b with float32 accumulation; a arrives in float32 and is cast to b's kind."""
-    if DOT_KIND == DOT_FP16:
-        c = tl.dot(a.to(tl.float16), b)
-    elif DOT_KIND == DOT_BF16:
-        c = tl.dot(a.to(tl.bfloat16), b)
-    else:
+    """a @ b with float32 accumulation; a is cast to b's kind (if it is not already)."""
+    if DOT_KIND == DOT_FP32:
         c = tl.dot(a, b, input_precision=PRECISION)
+    else:
+        c = tl.dot(_operand(a, DOT_KIND), b)
     return c
+
+
+@triton.jit
+def _operand(a, DOT_KIND: tl.constexpr):
+    """a in the dtype the dots of DOT_KIND read (float32 kept for the float32 kinds)."""
+    if DOT_KIND == DOT_FP16:
+        a = a.to(tl.float16)
+    elif DOT_KIND == DOT_BF16:
+        a = a.to(tl.bfloat16)
+    return a
 
 
 @triton.jit
@@ -358,6 +366,9 @@ def fused_mlp_fwd_kernel(
                 h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                               stride_sb, stride_tb, stride_mb, HID_PAD,
                               (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, FAST_SINE)
+                # held as the next dots read it: half the registers in 16-bit modes, and
+                # no conversion repeated per column block
+                h = _operand(h, DOT_KIND)
 
     if NUM_LAYERS % 2 == 1:
         # An odd layer count leaves the output layer alone; its BLOCK_OUT-wide column
@@ -454,7 +465,7 @@ def fused_mlp_bwd_layer_kernel(
         du = tl.where(row_ok[:, None], du, 0.0)
         dz_out = tl.where(row_ok[:, None], dz_out, 0.0)
         dmult = tl.where(row_ok[:, None], dmult, 0.0)
-        tl.store(dst_ptr + offs, dz_out, mask=row_ok[:, None])
+        tl.store(dst_ptr + offs, dz_out.to(dst_ptr.dtype.element_ty), mask=row_ok[:, None])
         tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
         plane = tl.num_programs(0) * HID_PAD  # B * row_tiles rows of HID_PAD per plane
         part = part_ptr + pid * HID_PAD + cols

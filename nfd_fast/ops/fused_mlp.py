@@ -493,7 +493,9 @@ class _Geometry:
         hid_pad = pad_pow2(max(widths[1:-1]))
         out_pad = pad_pow2(widths[-1])
         if precision in ("fp16", "bf16"):
-            block_m, block_n, stages = 64, (64 if hid_pad <= 256 else 32), 2
+            # 128 rows: each of the two warpgroups owns 64 rows of every wgmma (no dot
+            # work replicated across them)
+            block_m, block_n, stages = 128, (64 if hid_pad <= 128 else 32), 2
         else:
             block_m, block_n, stages = (32 if hid_pad >= 256 else 64), 32, 1
         return _Geometry(pad_pow2(widths[0]), hid_pad, out_pad, block_m, min(block_n, hid_pad),
@@ -686,8 +688,11 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
     block_k = min(32, pad_pow2(dz.shape[1]))
     tiles = triton.cdiv(N, 64)
     dev = p.x.device
-    dst = torch.empty(M, cols, device=dev, dtype=torch.float32)
-    h = torch.empty(M, cols, device=dev, dtype=torch.float32) if hidden else None
+    # dz_layer and h_layer in the dtype the next dots read (16-bit modes: half the bytes,
+    # no accuracy lost); dz_0 and dx stay float32 as the first layer does
+    saved = _PACK_DTYPE.get(p.precision, torch.float32) if layer >= 1 else torch.float32
+    dst = torch.empty(M, cols, device=dev, dtype=saved)
+    h = torch.empty(M, cols, device=dev, dtype=saved) if hidden else None
     part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else None
     # the first layer runs in float32 in every mode (its weights packed on their own)
     dot_kind, prec = _dot_config(p.precision if hidden else "ieee")
@@ -704,6 +709,19 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
     if not hidden:
         return dst
     return dst, h, part.sum(2)
+
+
+def _weight_grad(dz_t: torch.Tensor, h: torch.Tensor, precision: str) -> torch.Tensor:
+    """dW = dz^T h, float32, with the operands in the mode's dot dtype: 16-bit tensor-core
+    products with float32 accumulation (out_dtype on CUDA; on a CPU, where bmm has no
+    out_dtype, the rounded operands multiplied in float32, which is the same sum)."""
+    dtype = _PACK_DTYPE.get(precision)
+    if dtype is None:
+        return torch.bmm(dz_t.float(), h.float())
+    dz_t, h = dz_t.to(dtype), h.to(dtype)
+    if dz_t.is_cuda:
+        return torch.bmm(dz_t, h, out_dtype=torch.float32)
+    return torch.bmm(dz_t.float(), h.float())
 
 
 def _reduce_param_grad(grad_bw: torch.Tensor, like: Optional[torch.Tensor]):
@@ -758,7 +776,8 @@ def kernel_backward(p: MLPInputs, grad_y, z, zf, needs: Sequence[bool]) -> list:
             if needs[0]:
                 grads["x"] = _launch_backward_layer(p, g, packed, dz, -1, None)
         dzb = dz[:, :out_l].reshape(B, N, out_l)
-        dw = torch.bmm(dzb.transpose(1, 2), h_in.reshape(B, N, in_l))
+        dw = _weight_grad(dzb.transpose(1, 2), h_in.reshape(B, N, in_l),
+                          p.precision if l > 0 else "ieee")
         grads["weights"][l] = _reduce_param_grad(dw, p.weights[l])
         db = dzb.sum(1) if col_sums is None else col_sums[0, :, :out_l]
         grads["biases"][l] = _reduce_param_grad(db, p.biases[l])
