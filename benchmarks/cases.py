@@ -247,9 +247,8 @@ def _build_grid(config: str, backward: bool):
             grad = torch.randn(B, n, C * len(sizes), device=device, generator=g)
             return coords, fields, grad
 
-        def step(coords, fields, grad, sort_backward=False):
-            out = grid_lookup(coords, fields, planes, combine=combine, align_corners=align,
-                              sort_backward=sort_backward)
+        def step(coords, fields, grad):
+            out = grid_lookup(coords, fields, planes, combine=combine, align_corners=align)
             if backward:
                 out.backward(grad)
             return out
@@ -260,9 +259,6 @@ def _build_grid(config: str, backward: bool):
                  "compiled": Rotating(torch.compile(_with_backend("torch", step)), plain),
                  "nfd_fast": Rotating(_with_backend("auto", step), plain),
                  "nfd_fast[channels_last]": Rotating(_with_backend("auto", step), last)}
-        if backward:  # the alternative to the plain atomic scatter, to be chosen by measurement
-            impls["nfd_fast[sorted]"] = Rotating(
-                _with_backend("auto", lambda *a: step(*a, sort_backward=True)), last)
         field_elems = B * C * len(planes) * sum(h * w for h, w in sizes)
         out_elems = B * n * C * len(sizes)
         # bytes: fields read once, coordinates read, features written (backward: + field
@@ -287,7 +283,7 @@ for _config, _label in (("ddmi_image", "DDMI image fields 64^2/128^2/256^2 x 64,
                                   source=GRID_GOAL + ", within 2x of the bandwidth floor"))))
     register(Case(f"grid_{_config}_fwd_bwd", f"{_label}: forward + backward (field grads)",
                   _build_grid(_config, True),
-                  gpu_only_impls=("nfd_fast[channels_last]", "nfd_fast[sorted]"),
+                  gpu_only_impls=("nfd_fast[channels_last]",),
                   targets=(Target("nfd_fast*", "speedup", 5.0, "eager",
                                   GRID_GOAL + " (backward >= 5x; judged on forward + backward)"),)))
 
@@ -368,7 +364,9 @@ def adam_step(parameters, loss_fn, input_sets: list, lr: float = 1e-4) -> Rotati
         loss.backward()
         opt.step()
 
-    return Rotating(step, input_sets)
+    call = Rotating(step, input_sets)
+    call.optimizer = opt  # what it steps, for checks
+    return call
 
 
 def _build_model_case(approach, call: str, label: str):
@@ -394,6 +392,8 @@ def _register_models():
     from nfd_fast.models import APPROACHES
 
     for approach, module in APPROACHES.items():
+        if approach in PENDING:
+            continue
         name = "DDMI" if approach == "ddmi" else f"approach {approach}"
         for call, what in (("train_step", "one training step"), ("sampling", "one sampling pass")):
             label = f"{name} ({module}), {what}"
@@ -401,4 +401,5 @@ def _register_models():
                           _build_model_case(approach, call, label), impls=("eager", "nfd_fast")))
 
 
+PENDING = (4, 9, 10)  # models whose benchmark calls are not written yet
 _register_models()

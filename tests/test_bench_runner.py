@@ -2,9 +2,11 @@
 import json
 
 import pytest
+import torch
 
 from nfd_fast.benchmarks import report, runner
-from nfd_fast.benchmarks.cases import mlp_flops
+from nfd_fast.benchmarks.cases import PENDING, mlp_flops
+from nfd_fast.models import APPROACHES, approach_module
 
 
 def test_mlp_flops_of_the_siren_case():
@@ -87,14 +89,14 @@ def test_png_and_readme_from_results(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{report.README_BEGIN}\nold\n{report.README_END}\ntail\n")
     report.update_readme(str(readme), str(results))
-    assert "No GPU results are committed yet" in readme.read_text()
+    assert "No GPU measurements are committed yet" in readme.read_text()
     runner.write_json(rep, results / "h100-2026-11-22.json")
     older = dict(rep, environment=dict(rep["environment"], date="2025-01-01T00:00:00+00:00",
                                        device="OLD GPU"))
     runner.write_json(older, results / "old.json")
     report.update_readme(str(readme), str(results))
     text = readme.read_text()
-    assert "From `results/h100-2026-11-22.json`" in text and "OLD GPU" not in text
+    assert "Measured, from `results/h100-2026-11-22.json`" in text and "OLD GPU" not in text
     assert text.endswith(f"{report.README_END}\ntail\n") and "old\n" not in text
 
 
@@ -109,3 +111,38 @@ def test_a_failing_implementation_is_recorded_not_fatal():
     assert set(row["impls"]) == {"eager"}
     assert row["skipped"]["nfd_fast"] == "failed: RuntimeError: boom"
     assert "skipped: failed: RuntimeError: boom" in report.format_table({"rows": [row]})
+
+
+MODELS = {a: m for a, m in APPROACHES.items() if a not in PENDING}
+MODEL_CASES = [f"{module}_{call}" for module in MODELS.values() for call in ("train_step", "sampling")]
+
+
+def test_every_model_has_a_train_step_and_a_sampling_case():
+    assert set(MODEL_CASES) <= set(runner.CASES)
+    for name in MODEL_CASES:
+        assert runner.CASES[name].impls == ("eager", "nfd_fast")
+
+
+@pytest.mark.parametrize("approach", list(MODELS), ids=str)
+def test_model_benchmark_calls_train_and_sample(approach):
+    torch.manual_seed(1)
+    calls = approach_module(approach).benchmark_calls("cpu", quick=True)
+    assert set(calls) == {"train_step", "sampling", "points", "describe"} and calls["describe"]
+    params = [p for group in calls["train_step"].optimizer.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in params]
+    assert calls["train_step"]() is None
+    # one optimizer step moved the parameters, to finite values
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    assert all(torch.isfinite(p).all() for p in params)
+    out = calls["sampling"]()
+    points = calls["points"]["sampling"]
+    assert torch.isfinite(out).all() and out.numel() % points == 0 and 1 <= out.numel() // points <= 3
+    assert calls["points"]["train_step"] > 0
+
+
+def test_model_cases_run_end_to_end_on_cpu():
+    rep = runner.run(only=MODEL_CASES, device="cpu", command="test", progress=False)
+    for row in rep["rows"]:
+        assert set(row["impls"]) == {"eager", "nfd_fast"}, (row["case"], row["skipped"])
+        assert "sizes known once built" not in row["description"]
+        assert row["work"]["coords"] > 0

@@ -216,3 +216,35 @@ def _plot(out, held, runs, model, R, curves) -> str:
     rows = [(name, [(f"signal {i}", panel(name, i)) for i in range(len(held))]) for name in ("adaptive", "uniform")]
     rows.append(("error", [("MSE vs queries", errors)]))
     return plot_rows(out, rows, title="approach 7: adaptive vs evenly spaced queries", cell=3.0)
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step of the prior on bump signals, and one sampling pass: a round of the
+    query loop (K conditioned samples, importance, the next queries) and the field decoded
+    at the fine grid: batch 64, K = 8, grid 64, T = 100 (quick: batch 2, K = 2, grid 16 and
+    a narrower prior, T = 4)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    torch.manual_seed(0)
+    if quick:
+        batch, model = 2, AdaptiveField(draws=2, grid=16, channels=8, width=16, dilations=(1, 2), timesteps=4)
+    else:
+        batch, model = 64, AdaptiveField(draws=8)
+    model = model.to(device)
+    R = model.prior.fine_resolution(2)
+    g = torch.Generator().manual_seed(0)
+    sets = [(bump_signals(batch, R, generator=g).to(device),) for _ in range(ROTATIONS)]
+    mask = evenly_spaced(batch, model.grid, 4, device)
+    values = torch.where(mask, sets[0][0][:, ::2], 0.0)
+
+    def one_round():
+        with torch.no_grad():
+            states = model.posterior(values, mask)
+            model.propose(model.importance(states, mask), mask)
+            return model.decode(states, R)
+
+    return {"train_step": adam_step(model.parameters(), model.loss, sets),
+            "sampling": one_round,
+            "points": {"train_step": batch * R, "sampling": batch * R},
+            "describe": f"batch {batch}, K = {model.config['draws']} draws, grid {model.grid}, "
+                        f"field at {R} points, T = {model.config['timesteps']}"}

@@ -1055,3 +1055,27 @@ def _demo(out: str, quick: bool, seed: int, device: str) -> str:
     ours, base = psnr(large, truth, 2.0), psnr(bilinear, truth, 2.0)
     return (f"DDMI held-out PSNR at {big}^2 from {size}^2 inputs: {ours:.2f} dB "
             f"(bilinear from a {latent}^2 thumbnail: {base:.2f} dB); at {size}^2: {psnr(small, held, 2.0):.2f} dB")
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step (the VAE and readout's L1 + KL at the images' pixel centres, and
+    the latent model's loss) on blob images, and one sampling pass (DDIM on the latents,
+    fields decoded, images read at twice the training size): the reference's AFHQ sizes,
+    8 images of 256^2, 50 steps (quick: the tiny configuration, 2 of 16^2, 3 steps)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    (batch, size, steps), config = ((2, 16, 3), DDMIConfig.tiny(16)) if quick else ((8, 256, 50), DDMIConfig())
+    torch.manual_seed(0)
+    model = DDMI(config).to(device)
+    g = torch.Generator().manual_seed(0)
+    sets = [(blob_images(random_blobs(batch, channels=3, generator=g), size).to(device),)
+            for _ in range(ROTATIONS)]
+
+    def losses(images):
+        return {"vae": model.vae_loss(images)[0], "diffusion": model.diffusion_loss(images)}
+
+    return {"train_step": adam_step(model.parameters(), losses, sets),
+            "sampling": lambda: model.generate(batch, [2 * size], steps)[0],
+            "points": {"train_step": batch * size * size, "sampling": batch * 4 * size * size},
+            "describe": f"{batch} images of {size}^2 (latent {config.vae.embed_dim} channels), "
+                        f"{steps} DDIM steps, read at {2 * size}^2"}

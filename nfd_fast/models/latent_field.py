@@ -286,3 +286,21 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return line
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One dual-loss training step on a batch of toy signals, and one sampling pass (DDIM on
+    the latents, then decoding): batch 256, 256 samples, 100 steps (quick: 32, 10 steps)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    batch, steps = (32, 10) if quick else (256, 100)
+    torch.manual_seed(0)
+    model = LatentField().to(device)
+    g = torch.Generator().manual_seed(0)
+    sets = [(toy_signals(batch, generator=g).to(device), observation_mask(batch, generator=g).to(device))
+            for _ in range(ROTATIONS)]
+    length = model.config.length
+    return {"train_step": adam_step(model.parameters(), model.losses, sets),
+            "sampling": lambda: model.generate(batch, length, steps=steps),
+            "points": {"train_step": batch * length, "sampling": batch * length},
+            "describe": f"batch {batch} x {length} samples, {steps} DDIM steps"}

@@ -258,3 +258,30 @@ def _plot(out, held, mask, samples, dense, linear) -> str:
 
     return plot_rows(out, [("held-out", [(f"signal {i}", panel(i)) for i in range(len(held))])],
                      title="approach 3: score-based field, samples conditioned on 8 observations", cell=3.0)
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One denoising-score-matching step on a batch of toy signals and one sampling pass
+    (the predictor-corrector loop over all T steps, then the field at the fine grid):
+    batch 256, grid 64, T = 100 (quick: 4, grid 16 and a narrower net, T = 4)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    torch.manual_seed(0)
+    if quick:
+        batch, model = 4, ScoreField(grid=16, channels=8, width=16, dilations=(1, 2), timesteps=4)
+    else:
+        batch, model = 256, ScoreField()
+    model = model.to(device)
+    R = model.fine_resolution(2)
+    g = torch.Generator().manual_seed(0)
+    sets = [(toy_signals(batch, R, generator=g).to(device),) for _ in range(ROTATIONS)]
+
+    def sampling():
+        with torch.no_grad():
+            return model.decode(model.sample(batch), R)
+
+    return {"train_step": adam_step(model.parameters(), model.loss, sets),
+            "sampling": sampling,
+            "points": {"train_step": batch * R, "sampling": batch * R},
+            "describe": f"batch {batch}, grid {model.grid}, field at {R} points, "
+                        f"T = {model.schedule.num_timesteps} predictor-corrector steps"}

@@ -196,3 +196,31 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
             + "/".join(f"{b:.1f}" for _, b in results) + f" dB ({steps} steps, {history['seconds']:.0f} s)")
     plot_rows(out, rows, title=line)
     return line
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step on blob images with 5% of their pixels observed (the image encoder
+    and the reconstruction reading M random pixels each), and one sampling pass (guided DDIM
+    from the observations, the field decoded at twice the image's resolution): 64 images of
+    64^2, M = 1024, 100 steps (quick: 2 of 8^2, M = 32, 4 steps)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    batch, size, M, steps = (2, 8, 32, 4) if quick else (64, 64, 1024, 100)
+    P = size * size
+    torch.manual_seed(0)
+    model = SparseConditionalField(channels=3).to(device)
+    g = torch.Generator().manual_seed(0)
+    coords = grid_coordinates((size, size), device)
+    sets = []
+    for _ in range(ROTATIONS):
+        images = synthetic_images(batch, size, channels=3, generator=g)[1]
+        mask = observation_mask(batch, P, 0.05, generator=g)
+        queries = torch.rand(batch, P, generator=g).argsort(1)[:, :M]
+        sets.append((coords, images.to(device), mask.to(device), queries.to(device)))
+    obs = model.observe(*sets[0][:3])
+    fine = grid_coordinates((2 * size, 2 * size), device)
+    return {"train_step": adam_step(model.parameters(), model.losses, sets),
+            "sampling": lambda: model.sample(obs, fine, steps=steps),
+            "points": {"train_step": batch * M, "sampling": batch * fine.shape[0]},
+            "describe": f"{batch} images of {size}^2, 5% observed, {M} pixels per image in "
+                        f"training; {steps} guided DDIM steps, decoded at {2 * size}^2"}

@@ -214,3 +214,29 @@ def _plot(out, held, mean, sd, const_sd, g_mean) -> str:
 
     return plot_rows(out, [("held-out", [(f"signal {i}", panel(i)) for i in range(len(mean))])],
                      title="approach 8: stochastic field, predicted 95% intervals", cell=3.0)
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step (the NLL at random t) on noisy toy signals observed at 5-20% of
+    their points, and one sampling pass (K reverse-diffusion chains per query point, fused
+    DDPM steps): batch 64, 512 points, K = 32, T = 50 (quick: 2, 16 points, K = 2, a
+    narrower model, T = 4)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    torch.manual_seed(0)
+    if quick:
+        (batch, R, chains), model = (2, 16, 2), StochasticField(latent_dim=16, width=16, hidden_layers=1,
+                                                          encoder_width=16, time_dim=8, timesteps=4)
+    else:
+        (batch, R, chains), model = (64, 512, 32), StochasticField()
+    model = model.to(device)
+    g = torch.Generator().manual_seed(0)
+    tasks = [make_tasks(toy_signals(batch, R, generator=g), (0.05, 0.2), 0.05, g)[:5] for _ in range(ROTATIONS)]
+    sets = [(tuple(x.to(device) for x in task),) for task in tasks]  # loss reads one batch tuple
+    with torch.no_grad():
+        z = model.encode(*sets[0][0][:3])
+    return {"train_step": adam_step(model.parameters(), model.loss, sets),
+            "sampling": lambda: model.sample(z, R, chains),
+            "points": {"train_step": batch * R, "sampling": chains * batch * R},
+            "describe": f"batch {batch} x {R} points; {chains} chains per point, "
+                        f"T = {model.schedule.num_timesteps} DDPM steps"}

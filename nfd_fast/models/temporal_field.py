@@ -227,3 +227,30 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
             f"vs linear interpolation in time {base_psnr:.1f} dB ({steps} steps, {history['seconds']:.0f} s)")
     plot_rows(out, rows, title=line, cell=1.4)
     return line
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step on clips of moving blobs with a third of the frames observed (the
+    clip encoder and the reconstruction reading M random pixels each), and one sampling pass
+    (guided DDIM from the observed frames, the field decoded on every frame at twice the
+    clips' resolution): 32 clips of 9 x 64^2, M = 4096, 100 steps (quick: 2 of 5 x 6^2,
+    M = 32, 4 steps)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    batch, T, size, M, steps = (2, 5, 6, 32, 4) if quick else (32, 9, 64, 4096, 100)
+    torch.manual_seed(0)
+    model = TemporalField(space_resolution=size, time_resolution=T).to(device)
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for _ in range(ROTATIONS):
+        frame_mask = torch.rand(batch, T, generator=g) < 0.35
+        frame_mask[:, 0] = True  # at least one observed frame
+        queries = torch.rand(batch, T * size * size, generator=g).argsort(1)[:, :M]
+        sets.append((moving_blobs(batch, T, size, generator=g).to(device), frame_mask.to(device),
+                     queries.to(device)))
+    fine = grid_coordinates((T, 2 * size, 2 * size), device)
+    return {"train_step": adam_step(model.parameters(), model.losses, sets),
+            "sampling": lambda: model.sample(sets[0][0], sets[0][1], fine, steps=steps),
+            "points": {"train_step": batch * M, "sampling": batch * fine.shape[0]},
+            "describe": f"{batch} clips of {T} x {size}^2, {M} pixels per clip in training; "
+                        f"{steps} guided DDIM steps, decoded at {T} x {2 * size}^2"}
