@@ -189,7 +189,7 @@ def grid_lookup_fwd_kernel(
 
 @triton.jit
 def grid_lookup_bwd_kernel(
-    coords_ptr, table_ptr, grad_table_ptr, grad_out_ptr, dcoords_ptr, perm_ptr, N, F, C, col0,
+    coords_ptr, table_ptr, grad_table_ptr, grad_out_ptr, dcoords_ptr, N, F, C, col0,
     point_tiles, D: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
     ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -201,18 +201,13 @@ def grid_lookup_bwd_kernel(
     default acq_rel would put a GPU-wide fence and an L1 invalidation around each one.
 
     For "product" the factor's upstream gradient is grad_out times the product of the
-    other factors, recomputed here (P^2 gathers; P <= 6 in practice).
-
-    Given perm_ptr, the program's points are perm[b, n] (each sample's points ordered by grid
-    cell), so a block's atomics land on few, nearby field cells instead of scattering."""
+    other factors, recomputed here (P^2 gathers; P <= 6 in practice)."""
     pid = tl.program_id(0).to(tl.int64)  # programs as in the forward
     b = pid // point_tiles
     pid_n = pid % point_tiles
     pid_c = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = n < N
-    if perm_ptr is not None:
-        n = tl.load(perm_ptr + b * N + n, mask=row_ok, other=0)
     prow = b * N + n.to(tl.int64)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C

@@ -70,7 +70,7 @@ def test_opcheck_fused_mlp(setting):
 def test_opcheck_grid_lookup(setting):
     coords = rand(2, 11, 3, scale=1.2, seed=1)
     fields = [rand(4, 5, 6, seed=2), rand(2, 4, 7, 5, seed=3), rand(4, 3, 4, 5, seed=4)]
-    args = (coords, fields, [0, 1, 1, 2, 0, 1, 2], [2, 2, 3], "sum", False, "border", False, setting)
+    args = (coords, fields, [0, 1, 1, 2, 0, 1, 2], [2, 2, 3], "sum", False, "border", setting)
     torch.library.opcheck(torch.ops.nfd_fast.grid_lookup.default, args)
 
 

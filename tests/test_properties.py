@@ -232,8 +232,7 @@ def grid_cases(draw):
     batch, n = draw(st.integers(1, 3)), draw(st.integers(0, 40))
     options = dict(combine=draw(st.sampled_from(["sum", "product", "mean", "concat"])),
                    align_corners=draw(st.booleans()),
-                   padding_mode=draw(st.sampled_from(["border", "zeros"])),
-                   sort_backward=draw(st.booleans()))
+                   padding_mode=draw(st.sampled_from(["border", "zeros"])))
     reach = draw(st.sampled_from([1.0, 1.3, 3.0]))  # beyond [-1, 1]: padding and clip gradients
     g = torch.Generator().manual_seed(draw(SEEDS))
     values = {"coords": uniform(g, (batch, n, D), reach)}

@@ -116,7 +116,7 @@ for _case, _canonical in (("ddim_step_2^26", 2**26), ("ddim_step_ddmi_latent", 6
     _register(_case, "eager", _with("torch", _ddim), (4096, 8192), _canonical)
 
 
-def _grid(planes, sides_of, channels_last, backward, align, sort_backward=False):
+def _grid(planes, sides_of, channels_last, backward, align):
     """grid_lookup of 2 samples x n/2 points, 64 channels, 3 scales of fields sides_of(n)."""
     from nfd_fast.ops import grid_lookup
 
@@ -136,8 +136,7 @@ def _grid(planes, sides_of, channels_last, backward, align, sort_backward=False)
         grad = torch.randn(B, points, 64 * len(fields))
 
         def step():
-            out = grid_lookup(coords, fields, planes, combine="sum", align_corners=align,
-                              sort_backward=sort_backward)
+            out = grid_lookup(coords, fields, planes, combine="sum", align_corners=align)
             if backward:
                 out.backward(grad)
 
@@ -163,10 +162,6 @@ for _config, _planes, _sides, _align, _canonical, _sizes in (
         _case = f"grid_{_config}_{'fwd_bwd' if _bwd else 'fwd'}"
         for _impl, _last in (("nfd_fast", False), ("nfd_fast[channels_last]", True)):
             _register(_case, _impl, _with("triton", _grid(_planes, _sides, _last, _bwd, _align)),
-                      _sizes, _canonical)
-        if _bwd:
-            _register(_case, "nfd_fast[sorted]",
-                      _with("triton", _grid(_planes, _sides, True, True, _align, sort_backward=True)),
                       _sizes, _canonical)
         _register(_case, "eager", _with("torch", _grid(_planes, _sides, False, _bwd, _align)),
                   _sizes, _canonical)

@@ -175,9 +175,9 @@ def reference_grid_lookup(coords, fields, planes, combine, align_corners, paddin
 class _Spec:
     """The static description of one call (planes, channels per scale, options)."""
 
-    def __init__(self, planes, fields_flat, combine, align_corners, padding_mode, sort_backward):
+    def __init__(self, planes, fields_flat, combine, align_corners, padding_mode):
         P = len(planes)
-        self.planes, self.sort_backward = planes, sort_backward
+        self.planes = planes
         self.num_scales = len(fields_flat) // P
         self.channels = [fields_flat[s * P].shape[-1 - len(planes[0])] for s in range(self.num_scales)]
         self.combine, self.align_corners, self.padding_mode = combine, align_corners, padding_mode
@@ -243,18 +243,6 @@ def _launch_grid(coords, C):
     return (B * tiles, cdiv(C, block_c)), tiles, BLOCK_N, block_c
 
 
-def _cell_order(coords: torch.Tensor, field: torch.Tensor, axes, align_corners: bool) -> torch.Tensor:
-    """perm [B, N] (int32) ordering each sample's points by their cell in `field`."""
-    sizes = list(field.shape[-len(axes):])[::-1]  # x (width) first
-    key = torch.zeros(coords.shape[:2], dtype=torch.int64, device=coords.device)
-    for axis, size in reversed(list(zip(axes, sizes))):
-        g = coords[..., axis].float()
-        i = (g + 1) / 2 * (size - 1) if align_corners else ((g + 1) * size - 1) / 2
-        cell = torch.nan_to_num(i, nan=0.0).clamp(0, size - 1).floor().long()
-        key = key * size + cell
-    return torch.argsort(key, dim=1).to(torch.int32).contiguous()
-
-
 def kernel_forward(spec: _Spec, coords: torch.Tensor, flat) -> torch.Tensor:
     """One launch per scale; returns the features [B, N, F]."""
     from ..kernels import grid_lookup as K
@@ -287,15 +275,12 @@ def kernel_backward(spec: _Spec, grad_out, coords, flat, needs) -> list:
     dcoords = torch.zeros(B * N, D, device=coords.device, dtype=torch.float32) if needs[0] else None
     need_fields = any(needs[1:])
     dfields = [torch.zeros_like(f, dtype=torch.float32) for f in flat] if need_fields else None
-    perm = None
-    if spec.sort_backward:
-        perm = _cell_order(coords, flat[(spec.num_scales - 1) * P], spec.planes[0], spec.align_corners)
     for s in range(spec.num_scales):
         scale = flat[s * P:(s + 1) * P]
         grad_table = _table(dfields[s * P:(s + 1) * P], spec.planes, B) if need_fields else None
         grid, tiles, block_n, block_c = _launch_grid(coords, spec.channels[s])
         K.grid_lookup_bwd_kernel[grid](
-            coords, _table(scale, spec.planes, B), grad_table, grad_out, dcoords, perm, N, width,
+            coords, _table(scale, spec.planes, B), grad_table, grad_out, dcoords, N, width,
             spec.channels[s], cols[s], tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c,
             **spec.kernel_options(flat[0].dtype))
     grads = [dcoords.view(B, N, D).to(coords.dtype) if needs[0] else None]
@@ -330,20 +315,20 @@ def _use_kernel(coords, fields, setting: str) -> bool:
 @torch.library.custom_op("nfd_fast::grid_lookup", mutates_args=())
 def _grid_lookup_op(coords: torch.Tensor, fields: List[torch.Tensor], plane_axes: List[int],
                     plane_ranks: List[int], combine: str, align_corners: bool,
-                    padding_mode: str, sort_backward: bool, backend_setting: str) -> torch.Tensor:
+                    padding_mode: str, backend_setting: str) -> torch.Tensor:
     planes = _planes_of(plane_axes, plane_ranks)
     if not _use_kernel(coords, fields, backend_setting):
         return reference_grid_lookup(coords, _scales_of(fields, len(planes)), planes, combine,
                                      align_corners, padding_mode)
-    spec = _Spec(planes, fields, combine, align_corners, padding_mode, sort_backward)
+    spec = _Spec(planes, fields, combine, align_corners, padding_mode)
     return kernel_forward(spec, coords, fields)
 
 
 @_grid_lookup_op.register_fake
 def _grid_lookup_fake(coords, fields, plane_axes, plane_ranks, combine, align_corners,
-                      padding_mode, sort_backward, backend_setting):
+                      padding_mode, backend_setting):
     planes = _planes_of(plane_axes, plane_ranks)
-    spec = _Spec(planes, fields, combine, align_corners, padding_mode, sort_backward)
+    spec = _Spec(planes, fields, combine, align_corners, padding_mode)
     return coords.new_empty(*coords.shape[:2], spec.columns()[1], dtype=fields[0].dtype)
 
 
@@ -351,12 +336,12 @@ def _grid_lookup_fake(coords, fields, plane_axes, plane_ranks, combine, align_co
 def _grid_lookup_backward_op(grad_out: torch.Tensor, coords: torch.Tensor,
                              fields: List[torch.Tensor], plane_axes: List[int],
                              plane_ranks: List[int], combine: str, align_corners: bool,
-                             padding_mode: str, sort_backward: bool, needs: List[bool],
+                             padding_mode: str, needs: List[bool],
                              backend_setting: str) -> List[torch.Tensor]:
     """First-order gradients [coords, *fields] (empty where not needed)."""
     planes = _planes_of(plane_axes, plane_ranks)
     if _use_kernel(coords, fields, backend_setting):
-        spec = _Spec(planes, fields, combine, align_corners, padding_mode, sort_backward)
+        spec = _Spec(planes, fields, combine, align_corners, padding_mode)
         grads = kernel_backward(spec, grad_out, coords, fields, needs)
     else:
         grads = _grid_reference_vjp(coords, fields, planes, combine, align_corners,
@@ -366,7 +351,7 @@ def _grid_lookup_backward_op(grad_out: torch.Tensor, coords: torch.Tensor,
 
 @_grid_lookup_backward_op.register_fake
 def _grid_lookup_backward_fake(grad_out, coords, fields, plane_axes, plane_ranks, combine,
-                               align_corners, padding_mode, sort_backward, needs,
+                               align_corners, padding_mode, needs,
                                backend_setting):
     return [torch.empty_like(t) if need else coords.new_empty(0, dtype=torch.float32)
             for t, need in zip([coords, *fields], needs)]
@@ -391,7 +376,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     coords, *fields = ctx.saved_tensors
-    plane_axes, plane_ranks, combine, align_corners, padding_mode, sort_backward, setting = ctx.options
+    plane_axes, plane_ranks, combine, align_corners, padding_mode, setting = ctx.options
     needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[1]]
     if torch.is_grad_enabled():  # create_graph: the differentiable reference VJP
         grads = _grid_reference_vjp(coords, fields, _planes_of(plane_axes, plane_ranks), combine,
@@ -399,9 +384,9 @@ def _backward(ctx, grad_out):
     else:
         raw = torch.ops.nfd_fast.grid_lookup_backward(
             grad_out, coords, fields, plane_axes, plane_ranks, combine, align_corners,
-            padding_mode, sort_backward, needs, setting)
+            padding_mode, needs, setting)
         grads = [g if need else None for g, need in zip(raw, needs)]
-    return (grads[0], grads[1:]) + (None,) * 7
+    return (grads[0], grads[1:]) + (None,) * 6
 
 
 _grid_lookup_op.register_autograd(_backward, setup_context=_setup_context)
@@ -412,16 +397,10 @@ _grid_lookup_op.register_autograd(_backward, setup_context=_setup_context)
 
 def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
                 planes: Sequence[Sequence[int]], *, combine: str = "sum",
-                align_corners: bool = False, padding_mode: str = "border",
-                sort_backward: bool = False) -> torch.Tensor:
+                align_corners: bool = False, padding_mode: str = "border") -> torch.Tensor:
     """Read multi-scale factorized fields at coordinates; see the module docstring.
-
     Differentiable to any order in coords and fields (second order through the
-    reference's math). sort_backward (kernel only): order each sample's points by their
-    cell in the finest scale's first plane before the backward, so the field-gradient
-    atomics of a block hit neighbouring cells (an alternative to the plain atomic scatter,
-    to be chosen by GPU measurement; the gradients are the same up to float32 summation
-    order)."""
+    reference's math)."""
     planes, fields = _validate(coords, fields, planes, combine, padding_mode)
     if backend.get_backend() == "torch":  # the reference as plain PyTorch ops (inlined)
         return reference_grid_lookup(coords, fields, planes, combine, bool(align_corners),
@@ -429,4 +408,4 @@ def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
     flat = [f for scale in fields for f in scale]
     return torch.ops.nfd_fast.grid_lookup(
         coords, flat, [a for axes in planes for a in axes], [len(axes) for axes in planes],
-        combine, bool(align_corners), padding_mode, bool(sort_backward), backend.get_backend())
+        combine, bool(align_corners), padding_mode, backend.get_backend())
