@@ -253,7 +253,7 @@ def best_ball_radius(batch: dict, grid: torch.Tensor) -> float:
 
 def train_demo_model(quick: bool, seed: int, device: str, reader: str = "splat"):
     """The demo's training run: (model, history, generator of the held-out data)."""
-    steps, batch = (40, 16) if quick else (1500, 32)
+    steps, batch = (20, 8) if quick else (1500, 32)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SparseFeatureField(reader=reader).to(device)
@@ -274,7 +274,7 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
     diffusion (and of the encoder's reconstruction) against a union of balls around the
     points (its radius the best on training shapes)."""
     model, history, g = train_demo_model(quick, seed, device)
-    size, n_test = 64, 16 if quick else 64
+    size, n_test = 64, 8 if quick else 64
     grid = grid_coordinates((size, size))
     radius = best_ball_radius(shape_batch(64, generator=g), grid)
     test = shape_batch(n_test, generator=g)
