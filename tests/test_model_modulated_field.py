@@ -123,3 +123,24 @@ def test_nearest_psnr():
     refs = torch.rand(4, 6, 3)
     imgs = torch.stack([refs[2] + 0.1, refs[0] - 0.01])
     torch.testing.assert_close(torch.tensor(nearest_psnr(imgs, refs)), torch.tensor((20.0 + 40.0) / 2))
+
+
+def test_renoise_is_q_sample_then_the_ddim_x0():
+    torch.manual_seed(0)
+    model = ModulatedField(**TINY).eval()
+    model.standardiser.mean.uniform_(-1, 1)
+    model.standardiser.std.uniform_(0.5, 2)
+    codes = torch.randn(3, 8)
+    with nfd_fast.use_backend("torch"):
+        out = model.renoise(codes, 2, steps=1, generator=torch.Generator().manual_seed(1))
+        noise = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+        a = model.schedule.alphas_cumprod[2]
+        z = a.sqrt() * model.standardiser.standardise(codes) + (1 - a).sqrt() * noise
+        eps = model.denoiser(z, torch.full((3,), 2))
+        x0 = ((z - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-4, 4)  # the final step lands on x0
+        torch.testing.assert_close(out, model.standardiser.unstandardise(x0), atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(model.renoise(codes, 9, steps=4)).all()
+    with pytest.raises(ValueError, match="t_start"):
+        model.renoise(codes, 10)
+    with pytest.raises(ValueError, match="codes"):
+        model.renoise(codes[:, :3], 2)
