@@ -105,21 +105,34 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def resolve(op: str, *tensors: Optional[torch.Tensor], setting: Optional[str] = None) -> str:
     """Pick the implementation ("triton" or "torch") for one call of ``op`` on these
-    tensors (None skipped) under ``setting`` (default: the current one).
+    tensors (None skipped) under ``setting`` (default: the current one), and record the
+    choice and its reason for :func:`explain`.
 
     When a tensor's dtype is not one the kernels take (float64), "auto" falls back to the
     reference, while an explicit "triton" raises: silently running something else would
     hide the choice.
     """
     tensors = [t for t in tensors if t is not None]
+    choice, reason = _choose(op, tensors, _validate(setting) if setting is not None else _setting)
+    if not any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors):  # not tracing
+        _LAST[op] = (choice, reason)
+    return choice
+
+
+def _choose(op: str, tensors: list, name: str) -> tuple:
+    """(implementation, why) under setting `name`."""
     triton_dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in tensors)
-    name = _validate(setting) if setting is not None else _setting
     on_cuda = any(t.is_cuda for t in tensors)
     if name == "torch":
-        return "torch"
+        return "torch", "backend setting 'torch'"
     if name == "auto":
-        usable = on_cuda and triton_status()[0] and triton_dtypes_ok
-        return "triton" if usable else "torch"
+        if not on_cuda:
+            return "torch", "auto: CPU tensors (the kernels serve CUDA tensors)"
+        if not triton_status()[0]:
+            return "torch", f"auto: {triton_status()[1]}"
+        if not triton_dtypes_ok:
+            return "torch", "auto: a float64 input (the kernels take float32 / float16 / bfloat16)"
+        return "triton", "auto: CUDA tensors and Triton available"
     _require_triton()
     if not on_cuda and not interpreter_enabled():
         raise RuntimeError(
@@ -131,7 +144,24 @@ def resolve(op: str, *tensors: Optional[torch.Tensor], setting: Optional[str] = 
             f"{op}: the Triton kernels take float32, float16 or bfloat16 inputs; "
             "use backend 'torch' for float64."
         )
-    return "triton"
+    return "triton", "backend setting 'triton'" + ("" if on_cuda else " (Triton interpreter)")
+
+
+# op -> (implementation, reason) of its last call, for explain()
+_LAST: dict = {}
+
+
+def record(op: str, implementation: str, reason: str) -> None:
+    """Record what a call of `op` ran, where an op decides without resolve()."""
+    _LAST[op] = (implementation, reason)
+
+
+def explain() -> str:
+    """Which implementation each op's last call used, and why (one line per op)."""
+    if not _LAST:
+        return "no nfd_fast op has run yet"
+    width = max(len(op) for op in _LAST)
+    return "\n".join(f"{op:{width}}  {impl:6}  {why}" for op, (impl, why) in sorted(_LAST.items()))
 
 
 _env = os.environ.get("NFD_FAST_BACKEND")

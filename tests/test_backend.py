@@ -97,3 +97,20 @@ def test_active_backend_says_what_runs():
         assert nfd_fast.active_backend(cpu) == "triton"
     with nfd_fast.use_backend("torch"):
         assert nfd_fast.active_backend(cpu) == "torch"
+
+
+def test_explain_says_what_each_op_ran_and_why():
+    from nfd_fast.ops import grid_lookup
+
+    coords = torch.rand(1, 5, 2)
+    fields = [[torch.rand(3, 4, 4)]]
+    grid_lookup(coords, fields, [(0, 1)])
+    assert "grid_lookup  torch   auto: CPU tensors" in nfd_fast.explain()
+    with nfd_fast.use_backend("triton"):
+        grid_lookup(coords, fields, [(0, 1)])
+    assert "grid_lookup  triton  backend setting 'triton' (Triton interpreter)" in nfd_fast.explain()
+    grid_lookup(coords.double(), [[fields[0][0].double()]], [(0, 1)])
+    assert "auto: a float64 input" not in nfd_fast.explain()  # CPU decides first
+    with nfd_fast.use_backend("torch"):
+        grid_lookup(coords, fields, [(0, 1)])
+    assert "grid_lookup  torch   backend setting 'torch' (inlined reference)" in nfd_fast.explain()

@@ -409,6 +409,7 @@ def _step_op(mode: str, x, *, model=None, uncond=None, noise=None, seed=None, t=
     """The public steps' one call into the registered op (or, with the "torch" setting,
     the reference as plain PyTorch ops)."""
     if backend.get_backend() == "torch":
+        backend.record("diffusion_step", "torch", "backend setting 'torch' (inlined reference)")
         out, out2 = reference_step(
             mode, x, model, uncond, noise.float() if noise is not None else 0.0, t, prev,
             schedule.alphas_cumprod, schedule.betas, threshold, step, guidance, eta, clip,

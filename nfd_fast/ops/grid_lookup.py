@@ -403,6 +403,7 @@ def grid_lookup(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
     reference's math)."""
     planes, fields = _validate(coords, fields, planes, combine, padding_mode)
     if backend.get_backend() == "torch":  # the reference as plain PyTorch ops (inlined)
+        backend.record("grid_lookup", "torch", "backend setting 'torch' (inlined reference)")
         return reference_grid_lookup(coords, fields, planes, combine, bool(align_corners),
                                      padding_mode)
     flat = [f for scale in fields for f in scale]
