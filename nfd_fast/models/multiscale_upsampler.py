@@ -208,3 +208,24 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
             + " / ".join(f"{b:.1f}" for _, _, b in scores) + f" dB ({steps} steps, {history['seconds']:.0f} s)")
     plot_rows(out, rows, title=line)
     return line
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step (the field upsampler's MSE at random point samples and the low-
+    resolution epsilon loss) on shape images, and one sampling pass (DDIM at low resolution,
+    the field rendered at 8x): 64 images at 32^2, 4096 queries each, 100 steps, rendered at
+    256^2 (quick: 2 at 8^2, 32 queries, 4 steps, rendered at 16^2)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    batch, r, queries, steps, factor = (2, 8, 32, 4, 2) if quick else (64, 32, 4096, 100, 8)
+    torch.manual_seed(0)
+    model = MultiscaleUpsampler(low_resolution=r).to(device)
+    g = torch.Generator().manual_seed(0)
+    data = [shape_images(batch, r, queries=queries, generator=g) for _ in range(ROTATIONS)]
+    sets = [tuple(d[k].to(device) for k in ("low", "queries", "targets")) for d in data]
+    size = factor * r
+    return {"train_step": adam_step(model.parameters(), model.losses, sets),
+            "sampling": lambda: model.render(model.sample_low(batch, steps=steps), size),
+            "points": {"train_step": batch * queries, "sampling": batch * size * size},
+            "describe": f"{batch} images at {r}^2, {queries} queries each; {steps} DDIM steps, "
+                        f"rendered at {size}^2"}
