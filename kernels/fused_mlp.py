@@ -16,6 +16,9 @@ Memory layout (prepared by nfd_fast.ops.fused_mlp):
     b      [Bb, L, D]     biases zero-padded
     scale / shift / mult  [Bs, L-1, HID_PAD]  per-sample (Bs = B) or shared (stride 0)
     act    [L, 3] float32: (w0, slope, gain) per layer
+Hidden sine layers arrive with w0 folded in: W_l, b_l and shift_l are packed times w0_l,
+so z_l (and the saved z_l) hold w0 z_l and the sine reads the accumulator directly; the
+host scales the backward's parameter gradients back (nfd_fast.ops.fused_mlp).
 Zero padding makes the weight loads mask-free: padded hidden units see zero weights and
 zero bias, and whatever they hold is multiplied by zero weight columns downstream.
 
@@ -94,10 +97,16 @@ def _act_params(act_ptr, layer):
 
 
 @triton.jit
-def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
+def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr,
+                W0_FOLDED: tl.constexpr):
+    """act(u). W0_FOLDED (hidden layers): w0 is already in u (the host folded it into the
+    packed weights, bias and shift), so the sine reads the accumulator as it is."""
     w0, slope, gain = _act_params(act_ptr, layer)
     if ACT == SINE:
-        a = _sin(w0 * u, FAST_SINE)
+        if W0_FOLDED:
+            a = _sin(u, FAST_SINE)
+        else:
+            a = _sin(w0 * u, FAST_SINE)
     elif ACT == RELU:
         a = tl.where(u != u, u, tl.maximum(u, 0.0))  # NaN in, NaN out (maximum drops it)
     elif ACT == LEAKY_RELU:
@@ -112,13 +121,19 @@ def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
 
 
 @triton.jit
-def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr):
-    """(act(u), d act / d u). Recomputing act here saves storing it in the forward."""
+def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr,
+                     W0_FOLDED: tl.constexpr):
+    """(act(u), d act / d u). Recomputing act here saves storing it in the forward. With
+    W0_FOLDED, u is w0 times the unfolded one and so is the derivative's variable."""
     w0, slope, gain = _act_params(act_ptr, layer)
     if ACT == SINE:
-        a = _sin(w0 * u, FAST_SINE)
         # cos(t) = sin(t + pi/2): the same (fast) sine keeps forward and backward consistent
-        da = w0 * _sin(w0 * u + 1.5707963267948966, FAST_SINE)
+        if W0_FOLDED:
+            a = _sin(u, FAST_SINE)
+            da = _sin(u + 1.5707963267948966, FAST_SINE)
+        else:
+            a = _sin(w0 * u, FAST_SINE)
+            da = w0 * _sin(w0 * u + 1.5707963267948966, FAST_SINE)
     elif ACT == RELU:
         a = tl.where(u != u, u, tl.maximum(u, 0.0))
         da = tl.where(u > 0.0, 1.0, 0.0)
@@ -177,7 +192,7 @@ def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
         u = u * tl.load(scale_ptr + b * stride_sb + mod)[None, :]
     if shift_ptr is not None:
         u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
-    h = _activation(u, act_ptr, layer, ACT, FAST_SINE)
+    h = _activation(u, act_ptr, layer, ACT, FAST_SINE, True)
     if mult_ptr is not None:
         h = h * tl.load(mult_ptr + b * stride_mb + mod)[None, :]
     return h
@@ -218,7 +233,7 @@ def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act
         tz = tz * s
     if shift_ptr is not None:
         u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
-    h, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE)
+    h, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE, True)
     th = tl.reshape(tl.reshape(tz, (TANGENTS, BLOCK_M, WIDTH)) * da[None, :, :],
                     (TANGENTS * BLOCK_M, WIDTH))
     if mult_ptr is not None:
@@ -233,7 +248,7 @@ def _store_jacobian(z, tz, cols, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT, l
                     FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr,
                     TANGENTS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
     """y = final_act(z) and J[row, o, d] = final_act'(z) t_z (j_ptr: [M, OUT, IN])."""
-    y, da = _activation_grad(z, act_ptr, layer, FINAL_ACT, FAST_SINE)
+    y, da = _activation_grad(z, act_ptr, layer, FINAL_ACT, FAST_SINE, False)
     offs = grow[:, None] * OUT + cols[None, :]
     mask = row_ok[:, None] & (cols < OUT)[None, :]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -396,7 +411,7 @@ def _store_output(z, cols, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, layer,
     if FINAL_ACT != IDENTITY:
         if zf_ptr is not None:
             tl.store(zf_ptr + offs, z, mask=mask)
-        z = _activation(z, act_ptr, layer, FINAL_ACT, FAST_SINE)
+        z = _activation(z, act_ptr, layer, FINAL_ACT, FAST_SINE, False)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -452,7 +467,7 @@ def fused_mlp_bwd_layer_kernel(
             u = u * s[None, :]
         if shift_ptr is not None:
             u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
-        a, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE)
+        a, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE, True)
         h = a
         dmult = g * a
         if mult_ptr is not None:

@@ -51,14 +51,14 @@ def test_parameters_are_packed_once_per_version(monkeypatch):
     with nfd_fast.use_backend("triton"), torch.no_grad():
         first = CopyCounter()
         with first:
-            fused_mlp(x, weights, biases, w0=2.0)
+            fused_mlp(x, weights, biases, activation="relu")
         again = CopyCounter()
         with again:
-            fused_mlp(x, weights, biases, w0=2.0)
+            fused_mlp(x, weights, biases, activation="relu")
         weights[1].add_(0.5)  # an in-place update (an optimizer step) bumps the version
         stepped = CopyCounter()
         with stepped:
-            fused_mlp(x, weights, biases, w0=2.0)
+            fused_mlp(x, weights, biases, activation="relu")
     assert first.writes > 0 and again.writes == 0 and stepped.writes > 0
     # the launches read the packed copies: the same buffers until the update, then new ones
     packed = [args[2] for args in launches]  # W_1 .. W_{L-1}, padded
@@ -75,7 +75,7 @@ def test_new_tensors_at_a_reused_address_are_repacked(monkeypatch):
     with nfd_fast.use_backend("triton"), torch.no_grad():
         for value in (1.0, 2.0, 3.0):
             weights = [torch.full((16, 2), value, device=DEVICE), torch.full((3, 16), value, device=DEVICE)]
-            fused_mlp(x, weights)
+            fused_mlp(x, weights, activation="relu")
             del weights
     assert [args[1][0, 0, 0].item() for args in launches] == [1.0, 2.0, 3.0]
 

@@ -17,21 +17,29 @@ Shapes: x [N, in] or [B, N, in]; W_l [out, in] (nn.Linear layout, shared) or
 MLPs run the reference on every backend, the reason given once (kernel_refusal).
 
 What is fused (backend "triton"): the forward evaluates all layers for a tile of rows
-with the hidden state kept on chip (see kernels/fused_mlp.py). For training it saves the
-hidden pre-activations z_l in float32: 4 * (L-1) * M * HID_PAD bytes held from forward to
-backward (M = B*N rows, HID_PAD the hidden width rounded up to a power of two), plus
-4 * M * out when the final layer has an activation. With recompute=True nothing but x is
-held between forward and backward; backward re-runs the fused forward (one more forward's
-time) and then needs the same buffers, transiently. Backward runs one kernel per layer, dh = dz @ W with the
-activation derivative, the modulation gradients and the recomputation of h_{l-1} fused in
-its epilogue; dW = dz^T h_{l-1} is a cuBLAS matmul. Transient backward memory: three
-[M, HID_PAD] float32 buffers.
+with the hidden state kept on chip (see kernels/fused_mlp.py); a hidden sine layer's w0 is
+folded into its packed weights, bias and shift, so the sine reads the accumulator. For
+training it saves the hidden pre-activations (w0 z_l for sine layers) in float32:
+4 * (L-1) * M * HID_PAD bytes held from forward to backward (M = B*N rows, HID_PAD the
+hidden width rounded up to a power of two), plus 4 * M * out when the final layer has an
+activation. With recompute=True nothing but x is held between forward and backward;
+backward re-runs the fused forward (one more forward's time) and then needs the same
+buffers, transiently. Backward runs one kernel per layer, dh = dz @ W with the activation
+derivative, the modulation gradients and the recomputation of h_{l-1} fused in its
+epilogue; dW = dz^T h_{l-1} is a cuBLAS matmul with the mode's operands. Transient
+backward memory: three [M, HID_PAD] buffers (dz and h in the dot dtype in 16-bit modes,
+float32 otherwise; the column sums float32).
 
-Precision: accumulation is float32 always. ``precision`` picks the matmul operands:
-"ieee" (float32, default for float32 parameters; results within 1e-4 relative of the
-float64 reference), "tf32x3" (float32 accuracy from three TF32 tensor-core products),
-"tf32", "fp16", "bf16" (default for half-precision parameters). ``fast_sine`` replaces
-libdevice's sinf by a range-reduced polynomial (absolute error < 4e-7 at |x| < 1e3).
+Precision: accumulation is float32 always, and the first layer (K = in) runs in float32
+in every mode. ``precision`` picks the other layers' matmul operands: "ieee" (float32),
+"tf32x3" (float32 accuracy, within 1e-4 relative of float64, from three TF32 tensor-core
+products), "tf32", "fp16", "bf16". precision=None: half-precision parameters run in their
+dtype's mode; float32 ones follow torch.get_float32_matmul_precision() ("highest" ->
+"tf32x3", "high" -> "tf32", "medium" -> "bf16"; see default_precision).
+fused_mlp_emulated measures each mode's error on a CPU (operands rounded as the tensor
+cores round them). ``fast_sine`` replaces libdevice's sinf by a range-reduced polynomial
+(absolute error < 4e-7 at |x| < 1e3; NaN beyond |x| = 4e5); the tf32, fp16 and bf16
+modes always use it (see _polynomial_sine).
 """
 from __future__ import annotations
 
@@ -524,35 +532,50 @@ def _pack_params(p: MLPInputs, g: _Geometry) -> _Packed:
     biases together, the modulations (often new tensors every call) apart."""
     L, D, dev = p.num_layers, g.d, p.x.device
     widths = p.widths()
+    folded = folded_w0(p)
 
     def weights_and_bias():
-        bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev)
-        return (*_pack_weights(p, g), bias)
+        bias = _pack_vectors(p.biases, p.batch, L, D, 0.0, widths[1:], dev, folded)
+        return (*_pack_weights(p, g, folded), bias)
 
     def modulations():
         return tuple(_pack_vectors(getattr(p, name), p.batch, L - 1, g.hid_pad, fill,
-                                   widths[1:], dev)
+                                   widths[1:], dev, folded if name == "shift" else None)
                      for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0)))
 
-    params = _packed(("params", p.precision, g), [*p.weights, *p.biases], weights_and_bias)
+    params = _packed(("params", p.precision, g, folded), [*p.weights, *p.biases],
+                     weights_and_bias)
     mod_tensors = [*p.scale, *p.shift, *p.mult]
     mods = (None, None, None) if all(t is None for t in mod_tensors) else \
-        _packed(("mods", g.hid_pad), mod_tensors, modulations)
+        _packed(("mods", g.hid_pad, folded), mod_tensors, modulations)
     act = constant_table(tuple((a.w0, a.slope, a.gain) for a in p.acts), torch.float32, dev)
     return _Packed(*params, *mods, act)
 
 
-def _pack_weights(p: MLPInputs, g: _Geometry) -> tuple:
-    """(W_0 as [Bw, HID_PAD, IN_PAD] float32, W_1 .. W_{L-1} as [Bw, L-1, D, D])."""
+def folded_w0(p: MLPInputs) -> tuple:
+    """Per layer, the factor folded into its packed weights, bias and shift: w0 for a
+    hidden sine layer (sin(w0 (scale z + shift)) = sin(scale (w0 z) + w0 shift), so the
+    kernel's sine reads the accumulator as it is), 1 elsewhere (the output layer keeps its
+    activation's w0). The reference keeps the unfolded math."""
+    return tuple(a.w0 if a.kind == "sine" else 1.0 for a in p.acts[:-1]) + (1.0,)
+
+
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    return t if factor == 1.0 else t.float() * factor
+
+
+def _pack_weights(p: MLPInputs, g: _Geometry, folded: tuple) -> tuple:
+    """(w0 W_0 as [Bw, HID_PAD, IN_PAD] float32, w0 W_1 .. W_{L-1} as [Bw, L-1, D, D]);
+    each product taken in float32, then rounded once to the packed dtype."""
     L, D, dev = p.num_layers, g.d, p.x.device
     widths = p.widths()
     bw = p.batch if any(w.dim() == 3 for w in p.weights) else 1
     first = torch.zeros(bw, g.hid_pad, g.in_pad, device=dev, dtype=torch.float32)
-    first[:, : widths[1], : widths[0]] = p.weights[0]
+    first[:, : widths[1], : widths[0]] = _scaled(p.weights[0], folded[0])
     w = torch.zeros(bw, L - 1, D, D, device=dev,
                     dtype=_PACK_DTYPE.get(p.precision, torch.float32))
     for l in range(1, L):
-        w[:, l - 1, : widths[l + 1], : widths[l]] = p.weights[l]
+        w[:, l - 1, : widths[l + 1], : widths[l]] = _scaled(p.weights[l], folded[l])
     return first, w
 
 
@@ -585,9 +608,10 @@ def _packed(kind: tuple, sources: Sequence[Optional[torch.Tensor]], build: Calla
     return value
 
 
-def _pack_vectors(entries, batch, count, width, fill, widths, device) -> Optional[torch.Tensor]:
-    """Per-layer vectors ([w] or [B, w], or None) -> [B or 1, count, width] float32, or
-    None when every entry is absent."""
+def _pack_vectors(entries, batch, count, width, fill, widths, device,
+                  factors=None) -> Optional[torch.Tensor]:
+    """Per-layer vectors ([w] or [B, w], or None), each times its factor (folded w0) ->
+    [B or 1, count, width] float32, or None when every entry is absent."""
     if all(t is None for t in entries):
         return None
     per_sample = any(t is not None and t.dim() == 2 for t in entries)
@@ -595,7 +619,7 @@ def _pack_vectors(entries, batch, count, width, fill, widths, device) -> Optiona
                      device=device)
     for l, t in enumerate(entries):
         if t is not None:
-            out[:, l, : widths[l]] = t
+            out[:, l, : widths[l]] = t if factors is None else _scaled(t, factors[l])
     return out
 
 
@@ -635,6 +659,15 @@ def _act_field(kinds: tuple) -> int:
     return sum(ACTIVATIONS.index(kind) * base ** l for l, kind in enumerate(kinds))
 
 
+def _polynomial_sine(p: MLPInputs) -> bool:
+    """The kernels' sine: the range-reduced polynomial (absolute error < 4e-7, about 2.5x
+    fewer instructions than libdevice's sinf) when asked for, and always in the modes whose
+    operand rounding is far coarser than its error (tf32, fp16, bf16); libdevice's sinf
+    otherwise. Past |w0 u| = 4e5 the polynomial gives NaN (its range reduction would lose
+    the argument), where 16-bit operands have long lost the phase anyway."""
+    return p.fast_sine or p.precision in ("tf32", "fp16", "bf16")
+
+
 def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None,
                     jacobian: bool = False):
     """y [B, N, out], and with save_z the saved pre-activations (z [L-1, M, HID_PAD],
@@ -664,7 +697,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
         _stride0(packed.scale),
         _stride0(packed.shift), _stride0(packed.mult),
         NUM_LAYERS=L, D=g.d, IN_PAD=g.in_pad, HID_PAD=g.hid_pad, OUT_PAD=g.out_pad,
-        ACTS=_hidden_act_codes(p), FINAL_ACT=final_act, FAST_SINE=p.fast_sine,
+        ACTS=_hidden_act_codes(p), FINAL_ACT=final_act, FAST_SINE=_polynomial_sine(p),
         DOT_KIND=dot_kind, PRECISION=prec, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
         BLOCK_OUT=g.block_out, num_warps=g.num_warps, num_stages=g.num_stages,
         GRID_DIMS=IN if coord_grid else 0, GRID_AXES=axes,
@@ -703,7 +736,7 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
         _stride0(packed.scale), _stride0(packed.shift), _stride0(packed.mult),
         K=dz.shape[1], ROW=g.d if hidden else g.in_pad, HID_PAD=g.hid_pad,
         ACT=ACTIVATIONS.index(p.acts[layer].kind) if hidden else 0, HIDDEN=hidden,
-        FAST_SINE=p.fast_sine, DOT_KIND=dot_kind, PRECISION=prec,
+        FAST_SINE=_polynomial_sine(p), DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
     )
     if not hidden:
@@ -766,6 +799,9 @@ def kernel_backward(p: MLPInputs, grad_y, z, zf, needs: Sequence[bool]) -> list:
     grads = {"x": None, "weights": [None] * L, "biases": [None] * L,
              "scale": [None] * (L - 1), "shift": [None] * (L - 1), "mult": [None] * (L - 1)}
     col_sums = None  # [4, B, HID_PAD] for layer l, from the kernel of layer l + 1
+    # the kernels' dz_l is the gradient of the folded w0 z_l: the gradients of W_l, b_l
+    # and shift_l take the factor back (scale's, sum du' z', needs none)
+    folded = folded_w0(p)
     for l in range(L - 1, -1, -1):
         out_l, in_l = widths[l + 1], widths[l]
         if l > 0:
@@ -776,14 +812,16 @@ def kernel_backward(p: MLPInputs, grad_y, z, zf, needs: Sequence[bool]) -> list:
             if needs[0]:
                 grads["x"] = _launch_backward_layer(p, g, packed, dz, -1, None)
         dzb = dz[:, :out_l].reshape(B, N, out_l)
+        f = folded[l]
         dw = _weight_grad(dzb.transpose(1, 2), h_in.reshape(B, N, in_l),
                           p.precision if l > 0 else "ieee")
-        grads["weights"][l] = _reduce_param_grad(dw, p.weights[l])
+        grads["weights"][l] = _reduce_param_grad(_scaled(dw, f), p.weights[l])
         db = dzb.sum(1) if col_sums is None else col_sums[0, :, :out_l]
-        grads["biases"][l] = _reduce_param_grad(db, p.biases[l])
+        grads["biases"][l] = _reduce_param_grad(_scaled(db, f), p.biases[l])
         if col_sums is not None:
             for i, name in ((1, "shift"), (2, "scale"), (3, "mult")):
-                grads[name][l] = _reduce_param_grad(col_sums[i, :, :out_l], getattr(p, name)[l])
+                sums = _scaled(col_sums[i, :, :out_l], f if name == "shift" else 1.0)
+                grads[name][l] = _reduce_param_grad(sums, getattr(p, name)[l])
         if l > 0:
             dz, col_sums = dz_prev, sums_prev
     if grads["x"] is not None:
