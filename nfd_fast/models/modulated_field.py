@@ -219,11 +219,16 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
         fine = model.decode(grid_coordinates((4 * size,) * 2, device), drawn_codes[:4]).cpu()
     fit_psnr, renoised_psnr = psnr(fitted.clamp(0, 1), test_x), psnr(renoised.clamp(0, 1), test_x)
     drawn_psnr, gauss_psnr = nearest_psnr(drawn.clamp(0, 1), test_x), nearest_psnr(gauss.clamp(0, 1), test_x)
-    img = lambda x: x.view(-1, size, size, 3)  # noqa: E731
+
+    def img(x):
+        return x.view(-1, size, size, 3)
+
+    def scored(x):  # each panel titled with its PSNR against the held-out image
+        return [(f"{psnr(x[i].clamp(0, 1), test_x[i]):.1f} dB", img(x)[i]) for i in range(4)]
+
     rows = [("held-out", [(f"image {i}", img(test_x)[i]) for i in range(4)]),
-            ("fitted codes", [(f"{psnr(fitted[i].clamp(0, 1), test_x[i]):.1f} dB", img(fitted)[i]) for i in range(4)]),
-            (f"noised to t={T // 2}, denoised", [(f"{psnr(renoised[i].clamp(0, 1), test_x[i]):.1f} dB", img(renoised)[i])
-                                               for i in range(4)]),
+            ("fitted codes", scored(fitted)),
+            (f"noised to t={T // 2}, denoised", scored(renoised)),
             ("diffused codes", [(f"sample {i}", img(drawn)[i]) for i in range(4)]),
             (f"same, {4 * size}^2", [(f"sample {i}", fine[i].view(4 * size, 4 * size, 3)) for i in range(4)]),
             ("Gaussian codes", [(f"baseline {i}", img(gauss)[i]) for i in range(4)])]
