@@ -147,24 +147,27 @@ def _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
 
 
 @triton.jit
+def _program_tile(N, C, point_tiles, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample b, point rows (global row prow, in-range row_ok) and
+    channels (ch, ch_ok): point tile pid % point_tiles of sample pid // point_tiles on
+    axis 0 (CUDA allows 2^31 - 1 programs there), channel block program_id(1)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // point_tiles
+    n = (pid % point_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, b * N + n.to(tl.int64), n < N, ch, ch < C
+
+
+@triton.jit
 def grid_lookup_fwd_kernel(
     coords_ptr, table_ptr, out_ptr, N, F, C, col0, point_tiles, D: tl.constexpr,
     P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
     ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[b, n, col0 + ...] = combine over the P factors of this scale. Program
-    (pid, pid_c): point tile pid % point_tiles of sample pid // point_tiles (the batch on
-    axis 0, which CUDA allows 2^31 - 1 programs), channel block pid_c."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // point_tiles
-    pid_n = pid % point_tiles
-    pid_c = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = n < N
-    prow = b * N + n.to(tl.int64)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch_ok = ch < C
+    """out[b, n, col0 + ...] = combine over the P factors of this scale, for the points
+    and channels of this program (_program_tile)."""
+    b, prow, row_ok, ch, ch_ok = _program_tile(N, C, point_tiles, BLOCK_N, BLOCK_C)
     out_mask = row_ok[:, None] & ch_ok[None, :]
     if COMBINE == PRODUCT:
         acc = tl.full((BLOCK_N, BLOCK_C), 1.0, tl.float32)
@@ -202,15 +205,7 @@ def grid_lookup_bwd_kernel(
 
     For "product" the factor's upstream gradient is grad_out times the product of the
     other factors, recomputed here (P^2 gathers; P <= 6 in practice)."""
-    pid = tl.program_id(0).to(tl.int64)  # programs as in the forward
-    b = pid // point_tiles
-    pid_n = pid % point_tiles
-    pid_c = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = n < N
-    prow = b * N + n.to(tl.int64)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch_ok = ch < C
+    b, prow, row_ok, ch, ch_ok = _program_tile(N, C, point_tiles, BLOCK_N, BLOCK_C)
     mask2 = row_ok[:, None] & ch_ok[None, :]
     go = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     if COMBINE != CONCAT:
