@@ -24,7 +24,7 @@ def number(pattern: str, text: str) -> float:
 
 def test_every_example_is_tested():
     tested = {"fit_and_render_gigapixel", "evaluate_huge_grid", "accelerate_existing_model",
-              "approach1_latent_field", "sample_ddim"}
+              "approach1_latent_field", "sample_ddim", "ddmi_generate"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -64,3 +64,11 @@ def test_sample_ddim(capsys):
     samples = number(r"samples lie ([\d.]+) from the rings", text)
     noise = number(r"Gaussian noise: ([\d.]+)", text)
     assert samples < 0.75 * noise, text  # brief training already pulls samples to the rings
+
+
+def test_ddmi_generate(tmp_path, capsys):
+    text = run_example("ddmi_generate", ["--small", "--out-dir", tmp_path], capsys)
+    assert number(r"reconstruction PSNR at 16\^2: ([\d.]+) dB", text) > 5
+    small, large = np.load(tmp_path / "ddmi_samples_16.npy"), np.load(tmp_path / "ddmi_samples_64.npy")
+    assert small.shape == (4, 3, 16, 16) and large.shape == (4, 3, 64, 64)
+    assert np.isfinite(large).all() and large.std() > 0
