@@ -324,3 +324,26 @@ def time_readers(model: SparseFeatureField, anchors: torch.Tensor, features: tor
     finally:
         model.config["reader"] = chosen
     return seconds
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step (the occupancy cross-entropy through the splat reader, and the
+    point-set feature diffusion loss) on random 2-D shapes, and one sampling pass (DDIM on
+    the anchors' features, occupancy decoded on a grid): 64 shapes, 128 anchors, 2048 dense
+    samples, 100 steps, decoded at 256^2 (quick: 2 shapes, 8 anchors, 32 samples, 4 steps,
+    16^2)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    batch, anchors, dense, steps, side = (2, 8, 32, 4, 16) if quick else (64, 128, 2048, 100, 256)
+    torch.manual_seed(0)
+    model = SparseFeatureField().to(device)
+    g = torch.Generator().manual_seed(0)
+    keys = ("anchors", "points", "occupancy", "queries", "query_occupancy")
+    data = [shape_batch(batch, anchors=anchors, dense=dense, generator=g) for _ in range(ROTATIONS)]
+    sets = [tuple(b[k].to(device) for k in keys) for b in data]
+    grid = grid_coordinates((side, side), device)
+    return {"train_step": adam_step(model.parameters(), model.losses, sets),
+            "sampling": lambda: model.sample(sets[0][0], grid, steps=steps),
+            "points": {"train_step": batch * dense, "sampling": batch * side * side},
+            "describe": f"{batch} shapes, {anchors} anchors, {dense} dense samples, "
+                        f"{model.config['reader']} reader; {steps} DDIM steps, decoded at {side}^2"}
