@@ -284,7 +284,8 @@ def test_activation_table_is_built_once():
         before = _constant_table.cache_info()
         p.call()
         after = _constant_table.cache_info()
-    assert after.hits == before.hits + 1 and after.misses == before.misses
+    # no table built again (the packed parameters of the first call, table included, serve)
+    assert after.misses == before.misses
 
 
 def test_no_grad_call_saves_nothing_and_matches():

@@ -38,8 +38,8 @@ dtype's mode; float32 ones follow torch.get_float32_matmul_precision() ("highest
 "tf32x3", "high" -> "tf32", "medium" -> "bf16"; see default_precision).
 fused_mlp_emulated measures each mode's error on a CPU (operands rounded as the tensor
 cores round them). ``fast_sine`` replaces libdevice's sinf by a range-reduced polynomial
-(absolute error < 4e-7 at |x| < 1e3; NaN beyond |x| = 4e5); the tf32, fp16 and bf16
-modes always use it (see _polynomial_sine).
+(absolute error < 4e-7 at |x| < 1e3; NaN beyond |x| = 4e5); the fp16 and bf16 modes
+always use it (see _polynomial_sine).
 """
 from __future__ import annotations
 
@@ -543,13 +543,16 @@ def _pack_params(p: MLPInputs, g: _Geometry) -> _Packed:
                                    widths[1:], dev, folded if name == "shift" else None)
                      for name, fill in (("scale", 1.0), ("shift", 0.0), ("mult", 1.0)))
 
+    acts = tuple((a.w0, a.slope, a.gain) for a in p.acts)
+    mod_tensors = [*p.scale, *p.shift, *p.mult]
+    if all(t is None for t in mod_tensors):  # one look-up serves the whole call
+        return _packed(("unmodulated", p.precision, g, acts), [*p.weights, *p.biases],
+                       lambda: _Packed(*weights_and_bias(), None, None, None,
+                                       constant_table(acts, torch.float32, dev)))
     params = _packed(("params", p.precision, g, folded), [*p.weights, *p.biases],
                      weights_and_bias)
-    mod_tensors = [*p.scale, *p.shift, *p.mult]
-    mods = (None, None, None) if all(t is None for t in mod_tensors) else \
-        _packed(("mods", g.hid_pad, folded), mod_tensors, modulations)
-    act = constant_table(tuple((a.w0, a.slope, a.gain) for a in p.acts), torch.float32, dev)
-    return _Packed(*params, *mods, act)
+    mods = _packed(("mods", g.hid_pad, folded), mod_tensors, modulations)
+    return _Packed(*params, *mods, constant_table(acts, torch.float32, dev))
 
 
 def folded_w0(p: MLPInputs) -> tuple:
@@ -661,11 +664,11 @@ def _act_field(kinds: tuple) -> int:
 
 def _polynomial_sine(p: MLPInputs) -> bool:
     """The kernels' sine: the range-reduced polynomial (absolute error < 4e-7, about 2.5x
-    fewer instructions than libdevice's sinf) when asked for, and always in the modes whose
-    operand rounding is far coarser than its error (tf32, fp16, bf16); libdevice's sinf
+    fewer instructions than libdevice's sinf) when asked for, and always in the 16-bit
+    modes, whose operand rounding is far coarser than its error; libdevice's sinf
     otherwise. Past |w0 u| = 4e5 the polynomial gives NaN (its range reduction would lose
     the argument), where 16-bit operands have long lost the phase anyway."""
-    return p.fast_sine or p.precision in ("tf32", "fp16", "bf16")
+    return p.fast_sine or p.precision in ("fp16", "bf16")
 
 
 def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None,
