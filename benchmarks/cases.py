@@ -392,8 +392,6 @@ def _register_models():
     from nfd_fast.models import APPROACHES
 
     for approach, module in APPROACHES.items():
-        if approach in PENDING:
-            continue
         name = "DDMI" if approach == "ddmi" else f"approach {approach}"
         for call, what in (("train_step", "one training step"), ("sampling", "one sampling pass")):
             label = f"{name} ({module}), {what}"
@@ -401,5 +399,4 @@ def _register_models():
                           _build_model_case(approach, call, label), impls=("eager", "nfd_fast")))
 
 
-PENDING = (9,)  # models whose benchmark calls are not written yet
 _register_models()

@@ -239,3 +239,25 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
             f"{meta['seconds'] + diff['seconds']:.0f} s)")
     plot_rows(out, rows, title=line)
     return line
+
+
+def benchmark_calls(device, quick: bool) -> dict:
+    """One training step (the meta-learned fit: inner steps on the codes, second order, and
+    the code diffusion loss) on blob images, and one sampling pass (DDIM on the codes, the
+    fields decoded at 4x): 64 images of 64^2, 100 steps, decoded at 256^2 (quick: 2 of 6^2,
+    4 steps, decoded at 12^2)."""
+    from ..benchmarks.cases import ROTATIONS, adam_step
+
+    batch, size, steps, factor = (2, 6, 4, 2) if quick else (64, 64, 100, 4)
+    torch.manual_seed(0)
+    model = ModulatedField().to(device)
+    g = torch.Generator().manual_seed(0)
+    coords = grid_coordinates((size, size))
+    sets = [(coords.to(device), render_blobs(random_blobs(batch, channels=3, generator=g), coords).to(device))
+            for _ in range(ROTATIONS)]
+    fine = grid_coordinates((factor * size,) * 2, device)
+    return {"train_step": adam_step(model.parameters(), model.losses, sets),
+            "sampling": lambda: model.sample(batch, fine, steps=steps),
+            "points": {"train_step": batch * size * size, "sampling": batch * fine.shape[0]},
+            "describe": f"{batch} images of {size}^2, {model.config['inner_steps']} inner steps; "
+                        f"{steps} DDIM steps, decoded at {factor * size}^2"}
