@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 
 import nfd_fast
+from nfd_fast.models.blocks import ROTATIONS
 from nfd_fast.nn import Siren
 
 from .runner import CASES, Case, Rotating, Target, Work, register
 
-ROTATIONS = 3  # input sets per case; 3 x 2^22 x 2 float32 coordinates = 100 MB > L2
+# ROTATIONS input sets per case: 3 x 2^22 x 2 float32 coordinates = 100 MB > L2
 
 
 def _with_backend(name: str, fn):
@@ -349,26 +350,6 @@ register(Case("render_kplanes_4d", "4-D query 128^3 x 64 through K-planes + MLP 
 
 
 # ------------------------------------------------------ the approaches' models and DDMI
-def adam_step(parameters, loss_fn, input_sets: list, lr: float = 1e-4) -> Rotating:
-    """A callable doing one Adam step on loss_fn(*inputs) per call (a loss tensor or a dict
-    of losses, summed), the inputs rotating over input_sets. The optimizer lives across
-    calls, as in training; the small rate keeps the model comparable between the
-    implementations timed one after the other."""
-    opt = torch.optim.Adam([p for p in parameters if p.requires_grad], lr=lr)
-
-    def step(*inputs):
-        loss = loss_fn(*inputs)
-        if isinstance(loss, dict):
-            loss = sum(loss.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    call = Rotating(step, input_sets)
-    call.optimizer = opt  # what it steps, for checks
-    return call
-
-
 def _build_model_case(approach, call: str, label: str):
     """A case timing one call of a model module's benchmark_calls(device, quick):
     {"train_step": one optimizer step on a synthetic batch, "sampling": one sampling pass,

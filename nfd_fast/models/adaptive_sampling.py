@@ -223,7 +223,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     query loop (K conditioned samples, importance, the next queries) and the field decoded
     at the fine grid: batch 64, K = 8, grid 64, T = 100 (quick: batch 2, K = 2, grid 16 and
     a narrower prior, T = 4)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     torch.manual_seed(0)
     if quick:

@@ -40,6 +40,7 @@ Training, metrics, data, plots, checkpoints
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -532,3 +533,29 @@ class FieldModel(nn.Module):
         model = cls.from_config(ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
         return model.to(map_location) if map_location is not None else model
+
+
+# --------------------------------------------------------------------- benchmark calls
+
+ROTATIONS = 3  # input sets a benchmark call rotates over, so caches do not flatter it
+
+
+def adam_step(parameters, loss_fn, input_sets: list, lr: float = 1e-4) -> Callable[[], None]:
+    """A callable doing one Adam step on loss_fn(*inputs) per call (a loss tensor or a dict
+    of losses, summed), the inputs rotating over input_sets: the models'
+    benchmark_calls' training step. The optimizer lives across calls, as in training
+    (`.optimizer`); the small rate keeps the model comparable between the implementations
+    timed one after the other."""
+    opt = torch.optim.Adam([p for p in parameters if p.requires_grad], lr=lr)
+    inputs = itertools.cycle(input_sets)
+
+    def step() -> None:
+        loss = loss_fn(*next(inputs))
+        if isinstance(loss, dict):
+            loss = sum(loss.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step.optimizer = opt
+    return step

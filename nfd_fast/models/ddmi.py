@@ -1061,7 +1061,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     the latent model's loss) on blob images, and one sampling pass (DDIM on the latents,
     fields decoded, images read at twice the training size): the reference's AFHQ sizes,
     8 images of 256^2, 50 steps (quick: the tiny configuration, 2 of 16^2, 3 steps)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     (batch, size, steps), config = ((2, 16, 3), DDMIConfig.tiny(16)) if quick else ((8, 256, 50), DDMIConfig())
     torch.manual_seed(0)

@@ -291,7 +291,7 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
 def benchmark_calls(device, quick: bool) -> dict:
     """One dual-loss training step on a batch of toy signals, and one sampling pass (DDIM on
     the latents, then decoding): batch 256, 256 samples, 100 steps (quick: 32, 10 steps)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     batch, steps = (32, 10) if quick else (256, 100)
     torch.manual_seed(0)

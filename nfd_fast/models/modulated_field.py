@@ -246,7 +246,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     the code diffusion loss) on blob images, and one sampling pass (DDIM on the codes, the
     fields decoded at 4x): 64 images of 64^2, 100 steps, decoded at 256^2 (quick: 2 of 6^2,
     4 steps, decoded at 12^2)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     batch, size, steps, factor = (2, 6, 4, 2) if quick else (64, 64, 100, 4)
     torch.manual_seed(0)

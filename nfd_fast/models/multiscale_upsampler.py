@@ -215,7 +215,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     resolution epsilon loss) on shape images, and one sampling pass (DDIM at low resolution,
     the field rendered at 8x): 64 images at 32^2, 4096 queries each, 100 steps, rendered at
     256^2 (quick: 2 at 8^2, 32 queries, 4 steps, rendered at 16^2)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     batch, r, queries, steps, factor = (2, 8, 32, 4, 2) if quick else (64, 32, 4096, 100, 8)
     torch.manual_seed(0)

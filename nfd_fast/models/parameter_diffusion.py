@@ -255,7 +255,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     one fused call, plus a diffusion step of the denoiser on their weights) and one sampling
     pass (DDIM on the weights, then decoding every network): 512 networks, 256 samples, 100
     steps (quick: 4 networks, 32 samples, 5 steps)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     n, length, steps = (4, 32, 5) if quick else (512, 256, 100)
     torch.manual_seed(0)

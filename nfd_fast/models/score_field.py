@@ -264,7 +264,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     """One denoising-score-matching step on a batch of toy signals and one sampling pass
     (the predictor-corrector loop over all T steps, then the field at the fine grid):
     batch 256, grid 64, T = 100 (quick: 4, grid 16 and a narrower net, T = 4)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     torch.manual_seed(0)
     if quick:

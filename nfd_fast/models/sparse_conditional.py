@@ -203,7 +203,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     and the reconstruction reading M random pixels each), and one sampling pass (guided DDIM
     from the observations, the field decoded at twice the image's resolution): 64 images of
     64^2, M = 1024, 100 steps (quick: 2 of 8^2, M = 32, 4 steps)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     batch, size, M, steps = (2, 8, 32, 4) if quick else (64, 64, 1024, 100)
     P = size * size

@@ -332,7 +332,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     the anchors' features, occupancy decoded on a grid): 64 shapes, 128 anchors, 2048 dense
     samples, 100 steps, decoded at 256^2 (quick: 2 shapes, 8 anchors, 32 samples, 4 steps,
     16^2)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     batch, anchors, dense, steps, side = (2, 8, 32, 4, 16) if quick else (64, 128, 2048, 100, 256)
     torch.manual_seed(0)

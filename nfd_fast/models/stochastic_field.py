@@ -221,7 +221,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     their points, and one sampling pass (K reverse-diffusion chains per query point, fused
     DDPM steps): batch 64, 512 points, K = 32, T = 50 (quick: 2, 16 points, K = 2, a
     narrower model, T = 4)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     torch.manual_seed(0)
     if quick:

@@ -235,7 +235,7 @@ def benchmark_calls(device, quick: bool) -> dict:
     (guided DDIM from the observed frames, the field decoded on every frame at twice the
     clips' resolution): 32 clips of 9 x 64^2, M = 4096, 100 steps (quick: 2 of 5 x 6^2,
     M = 32, 4 steps)."""
-    from ..benchmarks.cases import ROTATIONS, adam_step
+    from .blocks import ROTATIONS, adam_step
 
     batch, T, size, M, steps = (2, 5, 6, 32, 4) if quick else (32, 9, 64, 4096, 100)
     torch.manual_seed(0)
