@@ -234,6 +234,7 @@ def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act
     if shift_ptr is not None:
         u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
     h, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE, True)
+    da = tl.where(u != u, u, da)  # a NaN point's tangents are NaN (relu' is a comparison)
     th = tl.reshape(tl.reshape(tz, (TANGENTS, BLOCK_M, WIDTH)) * da[None, :, :],
                     (TANGENTS * BLOCK_M, WIDTH))
     if mult_ptr is not None:
@@ -249,6 +250,7 @@ def _store_jacobian(z, tz, cols, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT, l
                     TANGENTS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
     """y = final_act(z) and J[row, o, d] = final_act'(z) t_z (j_ptr: [M, OUT, IN])."""
     y, da = _activation_grad(z, act_ptr, layer, FINAL_ACT, FAST_SINE, False)
+    da = tl.where(z != z, z, da)  # NaN in, NaN Jacobian out
     offs = grow[:, None] * OUT + cols[None, :]
     mask = row_ok[:, None] & (cols < OUT)[None, :]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -553,20 +553,8 @@ def test_fused_mlp_gelu_of_inf_is_inf():
     assert y[0, 0].item() == math.inf
 
 
-def jacobian_nan_case(backend, activation, final):
-    """(backend, activation, final), xfail where the Jacobian of a NaN point is a number."""
-    finite_on = {"torch": activation in ("identity", "relu", "leaky_relu") and final in ("identity", "relu"),
-                 "triton": activation in ("relu", "leaky_relu") and final == "relu"}
-    if not finite_on[backend]:
-        return (backend, activation, final)
-    why = ("a ReLU / leaky ReLU / identity derivative is evaluated as a comparison or a "
-           "constant, so a NaN pre-activation gives a finite Jacobian")
-    return pytest.param(backend, activation, final,
-                        marks=pytest.mark.xfail(strict=True, reason=f"{backend}: {why}"))
-
-
 @pytest.mark.parametrize("backend, activation, final", [
-    jacobian_nan_case(b, a, f) for b in ("triton", "torch")
+    (b, a, f) for b in ("triton", "torch")
     for a in ("identity", "relu", "leaky_relu", "sine") for f in ("identity", "relu")])
 def test_jacobian_at_a_nan_point_is_nan(backend, activation, final):
     """NaN in, NaN out for the Jacobian too: dy/dx at a NaN coordinate is NaN (the value

@@ -407,20 +407,24 @@ def emulated_reference_forward(p: MLPInputs) -> torch.Tensor:
 
 
 def activation_derivative(u: torch.Tensor, act: LayerActivation) -> torch.Tensor:
-    """d act / d u, written out (the reference's forward-mode rule)."""
+    """d act / d u, written out (the reference's forward-mode rule); NaN where u is NaN,
+    also where the derivative is a comparison or a constant, so a NaN point's Jacobian
+    is NaN as its value is."""
     if act.kind == "sine":
-        return act.w0 * torch.cos(act.w0 * u)
-    if act.kind == "relu":
-        return (u > 0).to(u.dtype)
-    if act.kind == "leaky_relu":
-        return act.gain * torch.where(u >= 0, torch.ones_like(u), torch.full_like(u, act.slope))
-    if act.kind == "gelu":
+        d = act.w0 * torch.cos(act.w0 * u)
+    elif act.kind == "relu":
+        d = (u > 0).to(u.dtype)
+    elif act.kind == "leaky_relu":
+        d = act.gain * torch.where(u >= 0, torch.ones_like(u), torch.full_like(u, act.slope))
+    elif act.kind == "gelu":
         cdf = 0.5 * (1 + torch.erf(u * 0.5**0.5))
-        return cdf + u * torch.exp(-0.5 * u * u) / (2 * math.pi) ** 0.5
-    if act.kind == "silu":
+        d = cdf + u * torch.exp(-0.5 * u * u) / (2 * math.pi) ** 0.5
+    elif act.kind == "silu":
         sig = torch.sigmoid(u)
-        return sig * (1 + u * (1 - sig))
-    return torch.ones_like(u)
+        d = sig * (1 + u * (1 - sig))
+    else:
+        d = torch.ones_like(u)
+    return torch.where(torch.isnan(u), u, d)
 
 
 def reference_forward_with_jacobian(p: MLPInputs) -> tuple:
