@@ -156,6 +156,13 @@ def record(op: str, implementation: str, reason: str) -> None:
     _LAST[op] = (implementation, reason)
 
 
+def annotate(op: str, detail: str) -> None:
+    """Add a detail (a precision, say) to the record of `op`'s last call."""
+    if op in _LAST:
+        implementation, reason = _LAST[op]
+        _LAST[op] = (implementation, f"{reason}; {detail}")
+
+
 def explain() -> str:
     """Which implementation each op's last call used, and why (one line per op)."""
     if not _LAST:

@@ -114,3 +114,21 @@ def test_explain_says_what_each_op_ran_and_why():
     with nfd_fast.use_backend("torch"):
         grid_lookup(coords, fields, [(0, 1)])
     assert "grid_lookup  torch   backend setting 'torch' (inlined reference)" in nfd_fast.explain()
+
+
+def test_a_precision_the_reference_cannot_honour_is_said_once_and_explained():
+    import importlib
+    import warnings
+
+    from nfd_fast.ops import fused_mlp
+
+    ops = importlib.import_module("nfd_fast.ops.fused_mlp")  # the module, not the function
+    ops._WARNED_PRECISIONS.discard("fp16")
+    x, w = torch.rand(5, 2), [torch.rand(8, 2), torch.rand(3, 8)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused_mlp(x, w, precision="fp16")
+        fused_mlp(x, w, precision="fp16")
+    said = [c for c in caught if "precision 'fp16'" in str(c.message)]
+    assert len(said) == 1 and "computes in float32" in str(said[0].message)
+    assert "precision fp16 (reference: float32 math)" in nfd_fast.explain()

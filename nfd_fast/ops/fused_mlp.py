@@ -914,8 +914,28 @@ def _runs_reference(p: MLPInputs, backend_setting: str, jacobian: bool = False) 
     """The reference serves this call: the backend says so, the batch is empty, or the
     kernel does not take the widths (said once per reason)."""
     # prepare_inputs gave every tensor x's dtype and device: x alone decides the backend
-    return backend.resolve("fused_mlp", p.x, setting=backend_setting) == "torch" \
+    reference = backend.resolve("fused_mlp", p.x, setting=backend_setting) == "torch" \
         or p.x.numel() == 0 or not _takes_kernel(p.widths(), jacobian)
+    if not isinstance(p.x, torch._subclasses.FakeTensor):
+        _note_precision(p, reference)
+    return reference
+
+
+_UNHONOURED = ("tf32", "fp16", "bf16")  # tensor-core modes of float32 data
+_WARNED_PRECISIONS: set = set()
+
+
+def _note_precision(p: MLPInputs, reference: bool) -> None:
+    """explain() names the precision; a tensor-core mode asked of float32 data that the
+    reference runs instead (in float32, more accurately) is said once, not ignored."""
+    backend.annotate("fused_mlp", f"precision {p.precision}" + (" (reference: float32 math)"
+                                                               if reference else ""))
+    if reference and p.x.dtype == torch.float32 and p.precision in _UNHONOURED \
+            and p.precision not in _WARNED_PRECISIONS:
+        _WARNED_PRECISIONS.add(p.precision)
+        warnings.warn(f"precision {p.precision!r} is a fused-kernel mode; the reference that "
+                      "runs here computes in float32 (fused_mlp_emulated reproduces the mode's "
+                      "rounding on any device)", stacklevel=3)
 
 
 @torch.library.custom_op("nfd_fast::fused_mlp", mutates_args=())
@@ -1164,6 +1184,9 @@ def fused_mlp(x: torch.Tensor, weights: TensorList, biases: Optional[TensorList]
                        shift=shift, mult=mult, precision=precision, fast_sine=fast_sine,
                        recompute=recompute)
     if backend.get_backend() == "torch":  # the reference as plain PyTorch ops (inlined)
+        if not torch.compiler.is_compiling():
+            backend.record("fused_mlp", "torch", "backend setting 'torch' (inlined reference)")
+            _note_precision(p, reference=True)
         y = reference_forward(p)
     else:
         # saving the pre-activations only pays when a backward can follow
