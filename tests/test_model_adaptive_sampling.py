@@ -6,7 +6,7 @@ import torch
 import nfd_fast
 from nfd_fast.models.adaptive_sampling import AdaptiveField, bump_signals, evenly_spaced, queries_to_reach
 
-from conftest import rel_err
+from conftest import assert_backends_agree_on_a_step
 
 SMALL = dict(draws=3, per_round=2, spacing=1, grid=9, channels=8, width=16, dilations=(1, 2),
              timesteps=6, beta_start=0.05, beta_end=0.9)
@@ -80,17 +80,7 @@ def test_loss_falls_in_a_short_run(trained):
 
 def test_fused_and_reference_backends_agree_on_the_first_step(trained):
     model, data, _ = trained
-    results = {}
-    for name in ("torch", "triton"):
-        model.zero_grad()
-        with nfd_fast.use_backend(name):
-            loss = model.loss(data[:2], generator=torch.Generator().manual_seed(3))
-            loss.backward()
-        results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
-    (l_ref, g_ref), (l_fused, g_fused) = results["torch"], results["triton"]
-    assert rel_err(l_fused, l_ref) < 1e-5
-    for (name, _), a, b in zip(model.named_parameters(), g_fused, g_ref):
-        assert rel_err(a, b) < 1e-4, name
+    assert_backends_agree_on_a_step(model, lambda m: m.loss(data[:2], generator=torch.Generator().manual_seed(3)))
 
 
 def test_the_query_loop_and_its_evenly_spaced_baseline(trained):

@@ -1,7 +1,6 @@
 """Approach 4 (MultiscaleUpsampler): training, fused vs reference backends, one low-resolution
 sample rendered at two sizes, the field's base against bilinear interpolation, input checks,
 checkpoints, data."""
-import copy
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import nfd_fast
 from nfd_fast.models.blocks import cell_centres, render_shapes, train_loop
 from nfd_fast.models.multiscale_upsampler import MultiscaleUpsampler, bicubic, shape_images
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, assert_backends_agree_on_a_step
 
 TINY = dict(low_resolution=4, features=3, encoder_width=4, decoder_width=8, denoiser_width=4,
             denoiser_blocks=1, timesteps=10)
@@ -53,16 +52,8 @@ def test_fused_and_reference_backends_agree_on_a_training_step():
     model = MultiscaleUpsampler(**TINY).to(DEVICE)
     with torch.no_grad():  # a nonzero denoiser output, so its gradients are compared too
         model.denoiser.out.weight.normal_(0, 0.1)
-    twin = copy.deepcopy(model)
-    results = []
-    for be, mod in (("triton", model), ("torch", twin)):
-        with nfd_fast.use_backend(be):
-            loss = mod.training_step(*data, generator=torch.Generator(DEVICE).manual_seed(2))
-            loss.backward()
-        results.append((loss, [p.grad for p in mod.parameters()]))
-    assert rel_err(results[0][0], results[1][0]) < 1e-4
-    for (name, _), a, b in zip(model.named_parameters(), results[0][1], results[1][1]):
-        assert rel_err(a, b) < 1e-3, name
+    assert_backends_agree_on_a_step(
+        model, lambda m: m.training_step(*data, generator=torch.Generator(DEVICE).manual_seed(2)), loss_tol=1e-4, grad_tol=1e-3)
 
 
 def test_one_sample_at_two_sizes():

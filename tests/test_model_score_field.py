@@ -8,7 +8,7 @@ import torch
 import nfd_fast
 from nfd_fast.models.score_field import ScoreField
 
-from conftest import rel_err
+from conftest import assert_backends_agree_on_a_step
 
 SMALL = dict(grid=9, channels=8, width=16, dilations=(1, 2), timesteps=10, beta_start=0.01, beta_end=0.9)
 
@@ -46,17 +46,7 @@ def test_fused_and_reference_backends_agree_on_the_first_step():
     """grid_lookup, fused_mlp and q_sample under both backends: loss and every gradient."""
     model = small_model()
     data = sines(2, 17, seed=1)
-    results = {}
-    for name in ("torch", "triton"):
-        model.zero_grad()
-        with nfd_fast.use_backend(name):
-            loss = model.loss(data, generator=torch.Generator().manual_seed(3))
-            loss.backward()
-        results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
-    (l_ref, g_ref), (l_fused, g_fused) = results["torch"], results["triton"]
-    assert rel_err(l_fused, l_ref) < 1e-5
-    for (name, _), a, b in zip(model.named_parameters(), g_fused, g_ref):
-        assert rel_err(a, b) < 1e-4, name
+    assert_backends_agree_on_a_step(model, lambda m: m.loss(data, generator=torch.Generator().manual_seed(3)))
 
 
 def test_score_is_tweedie_of_the_field_and_matches_the_noise_it_was_trained_on():

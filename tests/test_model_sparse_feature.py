@@ -1,7 +1,6 @@
 """Approach 10 (SparseFeatureField): training, fused vs reference backends, sampling at two
 resolutions from one set of features, both readers, input checks, checkpoints, and the
 synthetic shapes it trains on."""
-import copy
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from nfd_fast.models.blocks import (cell_centres, grid_coordinates, random_shape
 from nfd_fast.models.sparse_feature import SparseFeatureField, ball_union, points_inside, shape_batch
 from nfd_fast.ops import grid_lookup
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, assert_backends_agree_on_a_step
 
 TINY = dict(feature_dim=3, k=5, read_k=3, splat_resolution=7, splat_sigma=0.3, encoder_width=16,
             decoder_width=16, denoiser_features=6, denoiser_width=8, timesteps=10)
@@ -54,16 +53,8 @@ def test_fused_and_reference_backends_agree_on_a_training_step():
     torch.manual_seed(0)
     data = [t.to(DEVICE) for t in batch(2, anchors=5, dense=9, seed=1)]
     model = SparseFeatureField(**TINY).to(DEVICE)
-    twin = copy.deepcopy(model)
-    results = []
-    for be, mod in (("triton", model), ("torch", twin)):
-        with nfd_fast.use_backend(be):
-            loss = mod.training_step(*data, generator=torch.Generator(DEVICE).manual_seed(2))
-            loss.backward()
-        results.append((loss, [p.grad for p in mod.parameters()]))
-    assert rel_err(results[0][0], results[1][0]) < 1e-4
-    for (name, _), a, b in zip(model.named_parameters(), results[0][1], results[1][1]):
-        assert rel_err(a, b) < 1e-3, name
+    assert_backends_agree_on_a_step(
+        model, lambda m: m.training_step(*data, generator=torch.Generator(DEVICE).manual_seed(2)), loss_tol=1e-4, grad_tol=1e-3)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

@@ -9,7 +9,7 @@ import torch
 import nfd_fast
 from nfd_fast.models.stochastic_field import StochasticField, interval_coverage, make_tasks
 
-from conftest import rel_err
+from conftest import assert_backends_agree_on_a_step
 
 SMALL = dict(latent_dim=8, width=16, hidden_layers=1, encoder_width=16, time_dim=8, timesteps=6)
 
@@ -70,17 +70,7 @@ def test_loss_falls_in_a_short_run():
 def test_fused_and_reference_backends_agree_on_the_first_step():
     model = small_model()
     batch = tasks(2, 9, seed=1)[:5]
-    results = {}
-    for name in ("torch", "triton"):
-        model.zero_grad()
-        with nfd_fast.use_backend(name):
-            loss = model.loss(batch, generator=torch.Generator().manual_seed(3))
-            loss.backward()
-        results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
-    (l_ref, g_ref), (l_fused, g_fused) = results["torch"], results["triton"]
-    assert rel_err(l_fused, l_ref) < 1e-5
-    for (name, _), a, b in zip(model.named_parameters(), g_fused, g_ref):
-        assert rel_err(a, b) < 1e-4, name
+    assert_backends_agree_on_a_step(model, lambda m: m.loss(batch, generator=torch.Generator().manual_seed(3)))
 
 
 def test_nll_is_the_gaussian_negative_log_likelihood():

@@ -1,6 +1,5 @@
 """Approach 6 (TemporalField): training, fused vs reference backends, queries at two frame
 rates from one latent, the temporal baseline, K-planes in 4-D, input checks, checkpoints."""
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import nfd_fast
 from nfd_fast.models.blocks import grid_coordinates, train_loop
 from nfd_fast.models.temporal_field import TemporalField, interpolate_frames, moving_blobs
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, assert_backends_agree_on_a_step
 
 TINY = dict(latent_dim=8, cond_dim=8, plane_channels=4, space_resolution=4, time_resolution=3,
             encoder_width=16, decoder_width=16, denoiser_width=16, timesteps=10)
@@ -55,16 +54,8 @@ def test_fused_and_reference_backends_agree_on_a_training_step():
     torch.manual_seed(0)
     x, mask = clips(2, T=2, size=3, seed=1)
     model = TemporalField(**TINY).to(DEVICE)
-    twin = copy.deepcopy(model)
-    results = []
-    for be, mod in (("triton", model), ("torch", twin)):
-        with nfd_fast.use_backend(be):
-            loss = mod.training_step(x.to(DEVICE), mask.to(DEVICE), generator=torch.Generator(DEVICE).manual_seed(2))
-            loss.backward()
-        results.append((loss, [p.grad for p in mod.parameters()]))
-    assert rel_err(results[0][0], results[1][0]) < 1e-4
-    for (name, _), a, b in zip(model.named_parameters(), results[0][1], results[1][1]):
-        assert rel_err(a, b) < 1e-3, name
+    assert_backends_agree_on_a_step(
+        model, lambda m: m.training_step(x.to(DEVICE), mask.to(DEVICE), generator=torch.Generator(DEVICE).manual_seed(2)), loss_tol=1e-4, grad_tol=1e-3)
 
 
 def test_two_frame_rates_from_one_latent():
