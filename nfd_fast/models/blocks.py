@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..nn import FusedMLP
+from ..diffusion import sample
 from ..ops import q_sample
 
 Ratio = Union[float, Tuple[float, float]]
@@ -496,6 +497,21 @@ def plot_rows(out: str, rows: Sequence[Tuple[str, Sequence[Tuple[str, torch.Tens
 
 
 # ------------------------------------------------------------------------- checkpoints
+
+
+def guided_latents(model, f: torch.Tensor, guidance_scale: Optional[float], steps: Optional[int],
+                   generator=None) -> torch.Tensor:
+    """Latents [B, latent_dim] of a conditional latent-diffusion model given its condition
+    f [B, cond_dim]: DDIM through the fused loop with classifier-free guidance (the
+    unconditional branch sees zeros), clipped at config["sample_clip"] and brought back
+    from the model's standardised scale. The model has denoiser, schedule, standardiser
+    and config["latent_dim"] / ["sample_clip"]."""
+    z = sample(model.denoiser, (f.shape[0], model.config["latent_dim"]), model.schedule,
+               method="ddim", steps=steps or model.schedule.num_timesteps, cond=f,
+               uncond=torch.zeros_like(f) if guidance_scale is not None else None,
+               guidance_scale=guidance_scale, generator=generator,
+               clip_sample=model.config["sample_clip"])
+    return model.standardiser.unstandardise(z)
 
 
 class FieldModel(nn.Module):

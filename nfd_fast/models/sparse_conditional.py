@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..diffusion import NoiseSchedule, sample
+from ..diffusion import NoiseSchedule
 from ..nn import ModulatedSiren
-from .blocks import (FieldModel, LatentDenoiser, RunningStandardiser, SetEncoder, check_shape,
+from .blocks import (FieldModel, guided_latents, LatentDenoiser, RunningStandardiser, SetEncoder, check_shape,
                      diffusion_loss, gather_observations, grid_coordinates, knn_interpolate,
                      observation_mask, plot_rows, psnr, random_blobs, render_blobs,
                      scattered_linear_interpolation, train_loop)
@@ -121,12 +121,7 @@ class SparseConditionalField(FieldModel):
                        steps: Optional[int] = None, generator=None) -> tuple:
         """(z [B, latent_dim], f_S [B, cond_dim]): DDIM with fused classifier-free guidance."""
         f = self.encode_observations(obs)
-        z = sample(self.denoiser, (f.shape[0], self.config["latent_dim"]), self.schedule,
-                   method="ddim", steps=steps or self.schedule.num_timesteps, cond=f,
-                   uncond=torch.zeros_like(f) if guidance_scale is not None else None,
-                   guidance_scale=guidance_scale, generator=generator,
-                   clip_sample=self.config["sample_clip"])
-        return self.standardiser.unstandardise(z), f
+        return guided_latents(self, f, guidance_scale, steps, generator), f
 
     @torch.no_grad()
     def sample(self, obs: Observations, queries: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..diffusion import NoiseSchedule, sample
+from ..diffusion import NoiseSchedule
 from ..nn import FusedMLP, MultiScaleField
 from ..ops import grid_lookup
-from .blocks import (FieldModel, LatentDenoiser, RunningStandardiser, SetEncoder, check_shape,
+from .blocks import (FieldModel, guided_latents, LatentDenoiser, RunningStandardiser, SetEncoder, check_shape,
                      diffusion_loss, gather_observations, grid_coordinates, plot_rows, psnr,
                      random_blobs, render_blobs, train_loop)
 from .latent_field import interpolate_observations
@@ -158,12 +158,7 @@ class TemporalField(FieldModel):
                        steps: Optional[int] = None, generator=None) -> tuple:
         """(z, f_S) for clips with only frame_mask's frames observed (DDIM, fused guidance)."""
         f = self.observe(clips, frame_mask)
-        z = sample(self.denoiser, (f.shape[0], self.config["latent_dim"]), self.schedule,
-                   method="ddim", steps=steps or self.schedule.num_timesteps, cond=f,
-                   uncond=torch.zeros_like(f) if guidance_scale is not None else None,
-                   guidance_scale=guidance_scale, generator=generator,
-                   clip_sample=self.config["sample_clip"])
-        return self.standardiser.unstandardise(z), f
+        return guided_latents(self, f, guidance_scale, steps, generator), f
 
     @torch.no_grad()
     def sample(self, clips, frame_mask, queries, **kwargs) -> torch.Tensor:
