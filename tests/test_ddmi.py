@@ -21,15 +21,6 @@ from conftest import rel_err
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These sizes are tiny: one intra-op thread is several times faster than a contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
     """Random values everywhere (zero-initialised noise weights, biases and fc_1 included)."""
     with torch.no_grad():

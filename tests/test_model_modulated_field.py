@@ -15,14 +15,6 @@ TINY = dict(channels=2, latent_dim=8, width=16, hidden_layers=1, inner_steps=2, 
             timesteps=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared machine: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def images(n, size, seed=0):
     coords = grid_coordinates((size, size))
     g = torch.Generator().manual_seed(seed)

@@ -16,14 +16,6 @@ TINY = dict(low_resolution=4, features=3, encoder_width=4, decoder_width=8, deno
             denoiser_blocks=1, timesteps=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared machine: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(n, r=4, queries=37, seed=0):
     d = shape_images(n, r, queries=queries, generator=torch.Generator().manual_seed(seed))
     return d["low"], d["queries"], d["targets"]

@@ -18,14 +18,6 @@ TINY = dict(feature_dim=3, k=5, read_k=3, splat_resolution=7, splat_sigma=0.3, e
 KEYS = ("anchors", "points", "occupancy", "queries", "query_occupancy")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared machine: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(n, dims=2, anchors=7, dense=23, seed=0):
     b = shape_batch(n, dims, anchors, dense, generator=torch.Generator().manual_seed(seed))
     return [b[k] for k in KEYS]
