@@ -103,22 +103,52 @@ def test_diffusion_loss_falls_in_a_short_run(data):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, (losses[:10], losses[-10:])
 
 
-def test_fused_and_reference_backends_agree_on_the_first_step(data):
+def _spy_on_forward_launches(monkeypatch):
+    """(IN_PAD, OUT_PAD) of every fused forward launch (the kernel still runs)."""
+    from nfd_fast.kernels import fused_mlp as KM
+
+    real, widths = KM.fused_mlp_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                widths.append((kwargs["IN_PAD"], kwargs["OUT_PAD"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(KM, "fused_mlp_fwd_kernel", Spy())
+    return widths
+
+
+@pytest.mark.parametrize("bottleneck, padded", [(16, 16), (96, 128)])
+def test_fused_and_reference_backends_agree_on_the_first_step(data, monkeypatch, bottleneck, padded):
     """The diffusion step (q_sample, fused denoiser) and the fitting step (a batch of
-    networks through fused_mlp's per-sample weights): losses and gradients."""
-    model = small_model()
+    networks through fused_mlp's per-sample weights): losses and gradients. A bottleneck
+    wider than 64 (96: odd for the kernel, padded to 128 inside) is within fused_mlp's own
+    limits, so it runs fused, without a fallback warning."""
+    import warnings
+
+    from nfd_fast.ops.fused_mlp import MAX_IN, MAX_OUT
+
+    assert bottleneck <= min(MAX_IN, MAX_OUT)
+    model = small_model(bottleneck=bottleneck)
     model.set_statistics(data)
+    assert model.denoiser.down.out_features == model.denoiser.up.in_features == bottleneck
     target = torch.randn(3, 9, generator=torch.Generator().manual_seed(2))
+    launches = _spy_on_forward_launches(monkeypatch)
     results = {}
     for name in ("torch", "triton"):
         model.zero_grad()
         theta = data[:3].clone().requires_grad_(True)
-        with nfd_fast.use_backend(name):
+        with nfd_fast.use_backend(name), warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to the reference would warn
             loss = model.loss(data[:5], generator=torch.Generator().manual_seed(5))
             fit = ((model.decode(theta, 9) - target) ** 2).mean()
             (loss + fit).backward()
         results[name] = (loss.detach(), fit.detach(), theta.grad.clone(),
                          [p.grad.clone() for p in model.denoiser.parameters()])
+    # the denoiser's MLP (bottleneck -> 32 -> 32 -> bottleneck) ran in the fused kernel
+    assert (padded, padded) in launches, launches
     ref, fused = results["torch"], results["triton"]
     assert rel_err(fused[0], ref[0]) < 1e-5 and rel_err(fused[1], ref[1]) < 1e-5
     assert rel_err(fused[2], ref[2]) < 1e-4
@@ -153,7 +183,9 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match="theta"):
         model.loss(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="bottleneck"):
-        ParameterDiffusion(bottleneck=65)
+        ParameterDiffusion(bottleneck=0)
+    with pytest.raises(ValueError, match="denoiser_width"):
+        ParameterDiffusion(denoiser_width=0)
     with pytest.raises(ValueError, match="n must be"):
         model.generate(0)
 

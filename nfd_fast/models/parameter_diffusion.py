@@ -15,10 +15,12 @@
 The flattened layout of theta is the template Siren's layers in order, each layer
 W_l.flatten() (out x in, row-major) then b_l; P = sum_l out_l (in_l + 1).
 
-The denoiser maps x_t [B, P] to 64 dimensions (one Linear), adds a projected sinusoidal
-embedding of t, runs a FusedMLP (64 -> width -> 64, SiLU) and maps back to P (one Linear).
-Predicting theta_0 through a 64-wide bottleneck suits the data: fitted weights of a
-smooth signal family lie near a low-dimensional set, while noise fills all P dimensions.
+The denoiser maps x_t [B, P] to a bottleneck of k dimensions (one Linear; k = 64 by
+default), adds a projected sinusoidal embedding of t, runs a FusedMLP (k -> width -> k,
+SiLU) and maps back to P (one Linear). Predicting theta_0 through a bottleneck suits the
+data: fitted weights of a smooth signal family lie near a low-dimensional set, while noise
+fills all P dimensions. fused_mlp's own limits decide what is fused (in, hidden and out up
+to 512 today); a wider denoiser runs its reference, with fused_mlp's one-line warning.
 """
 from __future__ import annotations
 
@@ -42,8 +44,12 @@ class ParameterDenoiser(nn.Module):
 
     def __init__(self, num_params: int, bottleneck: int, width: int):
         super().__init__()
-        if not 1 <= bottleneck <= 64:
-            raise ValueError(f"bottleneck must be in 1..64 (the fused kernel's input width), got {bottleneck}")
+        # No upper bound here: fused_mlp decides which widths it fuses (and says so once
+        # when it falls back to its reference), so the model never outlives the kernel's limits.
+        if bottleneck < 1:
+            raise ValueError(f"bottleneck must be >= 1, got {bottleneck}")
+        if width < 1:
+            raise ValueError(f"denoiser_width must be >= 1, got {width}")
         self.down = nn.Linear(num_params, bottleneck)
         self.core = LatentDenoiser(bottleneck, width)
         self.up = nn.Linear(bottleneck, num_params)
@@ -59,7 +65,8 @@ class ParameterDiffusion(FieldModel):
         hidden / hidden_layers: each signal's SIREN, 1 -> hidden x (hidden_layers + 1) -> 1.
         w0: its sine frequency (first and hidden layers; the toy signals hold at most
             ~4 half-cycles on [-1, 1], so 10 rather than SIREN's 30).
-        bottleneck: the denoiser's fused width in and out (<= 64, fused_mlp's limit).
+        bottleneck: the denoiser's fused width in and out (any >= 1; fused_mlp fuses up to
+            its own limits, ops.fused_mlp.MAX_IN / MAX_OUT, and runs its reference beyond).
         denoiser_width: the denoiser's hidden width. timesteps: T of the cosine schedule.
         sample_clip: theta_0 clip while sampling, in standardised units (None: off).
     """
