@@ -42,6 +42,9 @@ LEAKY_RELU = tl.constexpr(3)
 GELU = tl.constexpr(4)
 SILU = tl.constexpr(5)
 ACT_BASE = tl.constexpr(16)  # (digit arithmetic: the interpreter's constexpr has no >>)
+# Hidden layer l's true width where it is narrower than HID_PAD (else 0) is base-WIDTH_BASE
+# digit l of the constexpr PADDED_WIDTHS (WIDTH_BASE > the widest hidden layer, 512).
+WIDTH_BASE = tl.constexpr(1024)
 
 # Dot operand kinds.
 DOT_FP32 = tl.constexpr(0)
@@ -89,6 +92,14 @@ def _sin(x, FAST_SINE: tl.constexpr):
 
 
 @triton.jit
+def _gelu(u):
+    """Exact GELU, u * Phi(u) in the erf form (torch's default); gelu(-Inf) = 0, its limit,
+    where the product would be -Inf * 0."""
+    a = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    return tl.where(u == float("-inf"), 0.0, a)
+
+
+@triton.jit
 def _act_params(act_ptr, layer):
     w0 = tl.load(act_ptr + layer * 3)
     slope = tl.load(act_ptr + layer * 3 + 1)
@@ -111,8 +122,8 @@ def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr,
         a = tl.where(u != u, u, tl.maximum(u, 0.0))  # NaN in, NaN out (maximum drops it)
     elif ACT == LEAKY_RELU:
         a = gain * tl.where(u >= 0.0, u, slope * u)
-    elif ACT == GELU:  # exact, erf form, as torch's default
-        a = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    elif ACT == GELU:
+        a = _gelu(u)
     elif ACT == SILU:
         a = u * tl.sigmoid(u)
     else:
@@ -141,16 +152,18 @@ def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constex
         a = gain * tl.where(u >= 0.0, u, slope * u)
         da = gain * tl.where(u >= 0.0, 1.0, slope)
     elif ACT == GELU:
+        a = _gelu(u)
         cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
-        a = u * cdf
-        da = cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+        # the limits at +-Inf (1 and 0), where u * pdf(u) would be Inf * 0
+        da = tl.where(tl.abs(u) == float("inf"), cdf,
+                      cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u))
     elif ACT == SILU:
         sig = tl.sigmoid(u)
         a = u * sig
         da = sig * (1.0 + u * (1.0 - sig))
     else:
         a = u
-        da = u * 0.0 + 1.0
+        da = tl.where(u != u, u, 1.0)  # NaN at NaN, and 1 at +-Inf (u * 0 + 1 would be NaN)
     return a, da
 
 
@@ -181,11 +194,23 @@ def _load_weight_t(w_layer_ptr, k, n, ROW: tl.constexpr):
 
 
 @triton.jit
+def _zero_padding(h, cols, WIDTH: tl.constexpr):
+    """h with the padded units (cols >= WIDTH) exactly zero; WIDTH = 0: a layer as wide as
+    its padding, nothing compiled. Their zero weights make padded units zero, except where
+    an Inf meets them (0 * Inf = NaN), which the next layer's zero weight columns would then
+    spread to every unit (0 * NaN)."""
+    if WIDTH > 0:
+        h = tl.where(cols[None, :] < WIDTH, h, 0.0)
+    return h
+
+
+@triton.jit
 def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
               stride_sb, stride_tb, stride_mb, HID_PAD: tl.constexpr, ACT: tl.constexpr,
-              FAST_SINE: tl.constexpr):
+              FAST_SINE: tl.constexpr, WIDTH: tl.constexpr):
     """h = act(scale * z + shift) * mult for the columns `cols` of hidden layer `layer`
-    (an absent modulation is a None pointer, so its code is not compiled)."""
+    (an absent modulation is a None pointer, so its code is not compiled), zero in the
+    padded units past WIDTH (see _zero_padding)."""
     mod = layer * HID_PAD + cols
     u = z
     if scale_ptr is not None:
@@ -195,7 +220,7 @@ def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
     h = _activation(u, act_ptr, layer, ACT, FAST_SINE, True)
     if mult_ptr is not None:
         h = h * tl.load(mult_ptr + b * stride_mb + mod)[None, :]
-    return h
+    return _zero_padding(h, cols, WIDTH)
 
 
 @triton.jit
@@ -220,11 +245,12 @@ def _grid_coordinates(lin, cin, gsize_ptr, gaffine_ptr, BLOCK_M: tl.constexpr, I
 def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                       stride_sb, stride_tb, stride_mb, HID_PAD: tl.constexpr, ACT: tl.constexpr,
                       FAST_SINE: tl.constexpr, TANGENTS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
     """(h, t_h): h = act(scale z + shift) mult and its forward-mode tangents
     t_h = act'(u) scale t_z mult. tz stacks TANGENTS blocks of BLOCK_M rows (tangent d of
     row r at d * BLOCK_M + r), so the per-column factors broadcast as they are and only
-    act'(u) is repeated over the blocks."""
+    act'(u) is repeated over the blocks. BLOCK: the number of columns; padded units past
+    WIDTH are zero in both (see _zero_padding)."""
     mod = layer * HID_PAD + cols
     u = z
     if scale_ptr is not None:
@@ -235,13 +261,13 @@ def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act
         u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
     h, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE, True)
     da = tl.where(u != u, u, da)  # a NaN point's tangents are NaN (relu' is a comparison)
-    th = tl.reshape(tl.reshape(tz, (TANGENTS, BLOCK_M, WIDTH)) * da[None, :, :],
-                    (TANGENTS * BLOCK_M, WIDTH))
+    th = tl.reshape(tl.reshape(tz, (TANGENTS, BLOCK_M, BLOCK)) * da[None, :, :],
+                    (TANGENTS * BLOCK_M, BLOCK))
     if mult_ptr is not None:
         m = tl.load(mult_ptr + b * stride_mb + mod)[None, :]
         h = h * m
         th = th * m
-    return h, th
+    return _zero_padding(h, cols, WIDTH), _zero_padding(th, cols, WIDTH)
 
 
 @triton.jit
@@ -272,6 +298,7 @@ def fused_mlp_fwd_kernel(
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
     GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0, TANGENTS: tl.constexpr = 0,
+    PADDED_WIDTHS: tl.constexpr = 0,
 ):
     """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows. Programs run along grid
     axis 0 only (CUDA allows 2^31 - 1 there, 65,535 on axes 1 and 2): program pid is row
@@ -284,6 +311,10 @@ def fused_mlp_fwd_kernel(
 
     GRID_DIMS > 0 (rendering, B = 1): x is not read; row r's coordinates are those of grid
     point lin0 + r, made here from the grid's sizes and per-component affine maps.
+
+    PADDED_WIDTHS: the hidden layers narrower than HID_PAD (see WIDTH_BASE); their padded
+    units are zeroed after the activation. 0 (every hidden layer a power of two >= 16
+    wide): nothing compiled.
 
     Absent tensors are None (bias, modulations, z, zf): their code is compiled out. Given
     z_ptr, the pre-activations z_l of the hidden layers go there ([L-1, M, HID_PAD]
@@ -354,12 +385,14 @@ def fused_mlp_fwd_kernel(
                                             2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                                             stride_sb, stride_tb, stride_mb, HID_PAD,
                                             (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE,
-                                            FAST_SINE, TANGENTS, BLOCK_M, BLOCK_N)
+                                            FAST_SINE, TANGENTS, BLOCK_M, BLOCK_N,
+                                            (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
                 tacc += _matmul(thc, w_b, DOT_KIND, PRECISION)
             else:
                 hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                                stride_sb, stride_tb, stride_mb, HID_PAD,
-                               (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, FAST_SINE)
+                               (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, FAST_SINE,
+                               (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
             acc += _matmul(hc, w_b, DOT_KIND, PRECISION)
         if b_ptr is not None:
             acc += tl.load(b_ptr + b * stride_bb + (2 * p + 1) * D + nb)[None, :]
@@ -378,11 +411,13 @@ def fused_mlp_fwd_kernel(
                 h, t = _tangent_modulate(acc, tacc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr,
                                          mult_ptr, act_ptr, stride_sb, stride_tb, stride_mb,
                                          HID_PAD, (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE,
-                                         FAST_SINE, TANGENTS, BLOCK_M, HID_PAD)
+                                         FAST_SINE, TANGENTS, BLOCK_M, HID_PAD,
+                                         (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
             else:
                 h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                               stride_sb, stride_tb, stride_mb, HID_PAD,
-                              (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, FAST_SINE)
+                              (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, FAST_SINE,
+                              (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
                 # held as the next dots read it: half the registers in 16-bit modes, and
                 # no conversion repeated per column block
                 h = _operand(h, DOT_KIND)
@@ -426,6 +461,7 @@ def fused_mlp_bwd_layer_kernel(
     HIDDEN: tl.constexpr, FAST_SINE: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WIDTH: tl.constexpr = 0,
 ):
     """Back through one linear layer l = `layer` + 1: g = dz_l @ W_l  ([M, K] @ [K, C]);
     w_ptr is that layer's padded weights (rows ROW apart, per-sample stride stride_wb).
@@ -436,6 +472,8 @@ def fused_mlp_bwd_layer_kernel(
     column sums per (sample, row tile) of dz, du, du*z and g*act(u) (the gradients of
     bias, shift, scale and mult) go to part_ptr [4, B, T, HID_PAD] without atomics, so the
     result is deterministic and shared parameters cause no atomic contention.
+    WIDTH: the layer's true width when narrower than HID_PAD (else 0): its padded units'
+    dz and h are zeroed, so an Inf that met them in the forward stays out of dx.
     """
     pid = tl.program_id(0).to(tl.int64)  # (sample, row tile) on axis 0: no 65,535 limit
     b = pid // row_tiles
@@ -482,6 +520,8 @@ def fused_mlp_bwd_layer_kernel(
         du = tl.where(row_ok[:, None], du, 0.0)
         dz_out = tl.where(row_ok[:, None], dz_out, 0.0)
         dmult = tl.where(row_ok[:, None], dmult, 0.0)
+        dz_out = _zero_padding(dz_out, cols, WIDTH)
+        h = _zero_padding(h, cols, WIDTH)
         tl.store(dst_ptr + offs, dz_out.to(dst_ptr.dtype.element_ty), mask=row_ok[:, None])
         tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
         plane = tl.num_programs(0) * HID_PAD  # B * row_tiles rows of HID_PAD per plane

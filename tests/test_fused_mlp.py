@@ -1,5 +1,6 @@
 """fused_mlp: the Triton kernels against the float64 reference, outputs and every gradient."""
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -262,6 +263,50 @@ def test_nan_weight_gives_nan_out(final_activation):
     with nfd_fast.use_backend("triton"):
         y = fused_mlp(p.x.detach(), weights, [b.detach() for b in p.biases], **p.options)
     assert torch.isnan(y).any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's 0 * Inf
+@pytest.mark.parametrize("hidden", [(5,), (16, 3)])  # padded to 16; padded after a full one
+def test_inf_through_padded_hidden_units_keeps_gradient_and_jacobian_finite(hidden):
+    """Padded hidden units meet an Inf coordinate as 0 * Inf = NaN: the kernels zero them
+    after the activation (forward, Jacobian) and zero their dz (backward), so the linear
+    map's value stays Inf and its gradient and Jacobian stay the finite W-product."""
+    g = torch.Generator().manual_seed(5)
+    widths = (2, *hidden, 3)
+    weights = [(torch.rand(o, i, generator=g) + 0.5).to(DEVICE) for i, o in zip(widths, widths[1:])]
+    x = (torch.rand(4, 2, generator=g) * 2 - 1).to(DEVICE)
+    x[1, 0] = math.inf
+    product = functools.reduce(torch.matmul, [w.double() for w in reversed(weights)])  # dy/dx
+    with nfd_fast.use_backend("triton"):
+        xg = x.clone().requires_grad_()
+        y = fused_mlp(xg, weights, activation="identity")
+        y.sum().backward()
+        _, jac = nfd_fast.ops.fused_mlp_with_jacobian(x, weights, activation="identity")
+    assert torch.isposinf(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    torch.testing.assert_close(xg.grad.double(), product.sum(0).expand(4, -1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(jac.double(), product.expand(4, -1, -1), rtol=1e-5, atol=0)
+
+
+def test_reference_gelu_limits_and_derivatives():
+    """The reference's GELU: F.gelu's value and first and second derivatives at finite
+    points (float64), the limits (+Inf, 0; slopes 1, 0; curvature 0) at the infinities,
+    NaN for NaN, in float32 as in float64."""
+    from nfd_fast.ops.fused_mlp import gelu
+
+    finite = torch.linspace(-6, 6, 41, dtype=torch.float64, requires_grad=True)
+    ours, = torch.autograd.grad(gelu(finite).sum(), finite, create_graph=True)
+    theirs, = torch.autograd.grad(torch.nn.functional.gelu(finite).sum(), finite,
+                                  create_graph=True)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), finite)[0],
+                               torch.autograd.grad(theirs.sum(), finite)[0])
+    for dtype in (torch.float32, torch.float64):
+        u = torch.tensor([math.inf, -math.inf, math.nan, 1.0], dtype=dtype, requires_grad=True)
+        y = gelu(u)
+        d1, = torch.autograd.grad(y.sum(), u, create_graph=True)
+        d2, = torch.autograd.grad(d1.sum(), u)
+        assert y[:2].tolist() == [math.inf, 0.0] and math.isnan(y[2].item())
+        assert d1[:2].tolist() == [1.0, 0.0] and d2[:2].tolist() == [0.0, 0.0]
 
 
 def test_unbatched_matches_batch_of_one():

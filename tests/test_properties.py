@@ -447,11 +447,9 @@ def test_fused_mlp_nan_inf_and_huge_inputs(dtype, data):
                          expected_nan=lambda: {0: mlp_nan_mask(case, name, index)})
 
 
-@pytest.mark.xfail(strict=True, reason="fused_mlp on Triton: an Inf entering a hidden layer "
-                   "narrower than its padded width (a power of two >= 16) comes out NaN (the "
-                   "padding rows compute 0 * Inf, then the next layer 0 * NaN); the reference "
-                   "keeps Inf")
 def test_fused_mlp_inf_through_a_padded_hidden_layer_stays_inf():
+    """A hidden layer of width 1 is padded to 16 units: 0 * Inf there must not become a
+    NaN that the next layer's zero weight columns spread (0 * NaN) to every output."""
     x = torch.tensor([[math.inf], [1.0]], device=DEVICE)
     weights = [torch.tensor([[2.0]], device=DEVICE), torch.tensor([[3.0]], device=DEVICE)]
     with nfd_fast.use_backend("triton"):
@@ -542,15 +540,16 @@ def test_grid_lookup_special_field_samples_read_as_grid_sample(setting, dtype, d
         assert_agree(out[finite], want[finite], TOL[dtype], "finite features")
 
 
-@pytest.mark.xfail(strict=True, reason="fused_mlp on the torch backend: F.gelu(+Inf) is NaN "
-                   "in float32 on the CPU for tensors of 2 elements or more (float64 and the "
-                   "Triton kernel give +Inf)")
-def test_fused_mlp_gelu_of_inf_is_inf():
-    x = torch.tensor([[math.inf], [1.0]], device=DEVICE)
+@pytest.mark.parametrize("setting", ["torch", "triton"])
+def test_fused_mlp_gelu_of_inf_is_inf(setting):
+    """F.gelu(+Inf) is NaN in float32 on the CPU for 2 elements or more (and F.gelu(-Inf)
+    NaN everywhere); both backends keep GELU's limits, +Inf and 0, and NaN stays NaN."""
+    x = torch.tensor([[math.inf], [-math.inf], [math.nan], [0.25]], device=DEVICE)
     weights = [torch.ones(16, 1, device=DEVICE), torch.ones(1, 16, device=DEVICE)]
-    with nfd_fast.use_backend("torch"):
-        y = fused_mlp(x, weights, activation="identity", final_activation="gelu")
-    assert y[0, 0].item() == math.inf
+    with nfd_fast.use_backend(setting):
+        y = fused_mlp(x, weights, activation="identity", final_activation="gelu")[:, 0].cpu()
+    assert y[0].item() == math.inf and y[1].item() == 0.0 and math.isnan(y[2].item())
+    assert y[3].item() == pytest.approx(4.0 * 0.5 * (1 + math.erf(4.0 / 2**0.5)), rel=1e-6)
 
 
 @pytest.mark.parametrize("backend, activation, final", [

@@ -328,10 +328,19 @@ def apply_activation(u: torch.Tensor, act: LayerActivation) -> torch.Tensor:
     if act.kind == "leaky_relu":
         return act.gain * F.leaky_relu(u, act.slope)
     if act.kind == "gelu":
-        return F.gelu(u)
+        return gelu(u)
     if act.kind == "silu":
         return F.silu(u)
     return u
+
+
+def gelu(u: torch.Tensor) -> torch.Tensor:
+    """Exact GELU with its limits at the infinities: gelu(+Inf) = +Inf, gelu(-Inf) = 0
+    (F.gelu gives NaN for -Inf, and for +Inf too in float32 on a CPU). Infinities take
+    relu's branch, whose value and derivatives (1 and 0) are GELU's limits there; F.gelu
+    reads 0 in their place, so no NaN reaches its gradient. Differentiable to any order."""
+    infinite = torch.isinf(u)
+    return torch.where(infinite, torch.relu(u), F.gelu(torch.where(infinite, 0.0, u)))
 
 
 def _per_sample(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -416,9 +425,9 @@ def activation_derivative(u: torch.Tensor, act: LayerActivation) -> torch.Tensor
         d = (u > 0).to(u.dtype)
     elif act.kind == "leaky_relu":
         d = act.gain * torch.where(u >= 0, torch.ones_like(u), torch.full_like(u, act.slope))
-    elif act.kind == "gelu":
+    elif act.kind == "gelu":  # 1 and 0 at +-Inf, the limits (u * pdf(u) is Inf * 0 there)
         cdf = 0.5 * (1 + torch.erf(u * 0.5**0.5))
-        d = cdf + u * torch.exp(-0.5 * u * u) / (2 * math.pi) ** 0.5
+        d = torch.where(torch.isinf(u), cdf, cdf + u * torch.exp(-0.5 * u * u) / (2 * math.pi) ** 0.5)
     elif act.kind == "silu":
         sig = torch.sigmoid(u)
         d = sig * (1 + u * (1 - sig))
@@ -675,6 +684,15 @@ def _polynomial_sine(p: MLPInputs) -> bool:
     return p.fast_sine or p.precision in ("fp16", "bf16")
 
 
+@functools.lru_cache(maxsize=256)
+def _padded_widths(hidden: tuple, hid_pad: int) -> int:
+    """The kernel's PADDED_WIDTHS: hidden layer l's width where it is narrower than
+    hid_pad (its padded units must be zeroed), else 0, as base-WIDTH_BASE digit l. 0 for
+    MLPs whose hidden layers all fill their padding: their kernels compile unchanged."""
+    base = _kernels().WIDTH_BASE.value
+    return sum((w if w < hid_pad else 0) * base ** l for l, w in enumerate(hidden))
+
+
 def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None,
                     jacobian: bool = False):
     """y [B, N, out], and with save_z the saved pre-activations (z [L-1, M, HID_PAD],
@@ -709,6 +727,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
         BLOCK_OUT=g.block_out, num_warps=g.num_warps, num_stages=g.num_stages,
         GRID_DIMS=IN if coord_grid else 0, GRID_AXES=axes,
         TANGENTS=pad_pow2(IN, minimum=1) if jacobian else 0,
+        PADDED_WIDTHS=_padded_widths(tuple(p.widths()[1:-1]), g.hid_pad),
     )
     return (y, jac) if jacobian else (y, z, zf)
 
@@ -747,6 +766,7 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
         ACT=ACTIVATIONS.index(p.acts[layer].kind) if hidden else 0, HIDDEN=hidden,
         FAST_SINE=_polynomial_sine(p), DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
+        WIDTH=_padded_widths((p.widths()[layer + 1],), g.hid_pad) if hidden else 0,
     )
     if not hidden:
         return dst
