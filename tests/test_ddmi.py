@@ -354,10 +354,25 @@ def fused_mlp_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def cfc_op_calls(monkeypatch):
+    """Counts the decoder's calls of the fused readout op."""
+    calls = []
+    original = cfc.cfc_decode
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cfc, "cfc_decode", spy)
+    return calls
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cfc_decoder_equals_the_plain_readouts(backend, fused_mlp_calls):
-    """Tiny widths: every block fits fused_mlp, so backend "triton" runs its kernel and the
-    grid_lookup kernel (interpreter on CPU)."""
+def test_cfc_decoder_equals_the_plain_readouts(backend, fused_mlp_calls, cfc_op_calls):
+    """Backend "triton": one fused cfc_decode call per readout (its kernel runs under the
+    interpreter on CPU). The CFC path on backend "torch": grid_lookup, and one fused_mlp
+    call per block (tiny widths fit it)."""
     torch.manual_seed(5)
     r = small_image_readout(torch.float32, field_channels=4, hidden=16)
     fields, coords = image_inputs(C=4, N=9, dtype=torch.float32, sizes=(3, 5, 7))
@@ -376,7 +391,10 @@ def test_cfc_decoder_equals_the_plain_readouts(backend, fused_mlp_calls):
     with nfd_fast.use_backend(backend):
         out = s(sf, points) if backend == "triton" else s.cfc_forward(sf, points)
     assert_matches(out, ref, {"xy": sf[0][0], "points": points, "fc": s.net_res2.fc_1.weight}, 2e-5)
-    assert len(fused_mlp_calls) == 8  # each block of both readouts: one fused_mlp call
+    if backend == "triton":
+        assert len(cfc_op_calls) == 2 and not fused_mlp_calls
+    else:  # each block of both readouts: one fused_mlp call
+        assert len(fused_mlp_calls) == 8 and not cfc_op_calls
 
 
 def test_cfc_decoder_float16_on_the_kernels():
@@ -395,16 +413,16 @@ def test_cfc_decoder_float16_on_the_kernels():
 
 
 def test_cfc_decoder_wide_blocks_use_the_layer_path(fused_mlp_calls):
-    """Widths beyond fused_mlp's (DDMI's 256-wide trunk) still give the same numbers."""
+    """Widths beyond fused_mlp's (out > cfc.FUSED_MLP_MAX_OUT) still give the same numbers."""
     torch.manual_seed(6)
     dec = CFCDecoder([(0, 1)], block="styled")
-    B, N = 2, 5
+    B, N, W = 2, 5, cfc.FUSED_MLP_MAX_OUT + 3
     coords = torch.rand(B, N, 2, dtype=F64) * 2 - 1
     fields = [torch.randn(B, 70, 3, 3, dtype=F64)]
-    w = [torch.randn(B, 80, 71, dtype=F64) / 8, torch.randn(80, 80, dtype=F64) / 9]
-    blk = CFCBlock(w, [None, torch.randn(B, 80, dtype=F64)], torch.randn(80, 71, dtype=F64) / 8, scale=0,
+    w = [torch.randn(B, W, 71, dtype=F64) / 8, torch.randn(W, W, dtype=F64) / 23]
+    blk = CFCBlock(w, [None, torch.randn(B, W, dtype=F64)], torch.randn(W, 71, dtype=F64) / 8, scale=0,
                    extra=torch.randn(B, 1, dtype=F64))
-    w_out = torch.randn(3, 80, dtype=F64)
+    w_out = torch.randn(3, W, dtype=F64)
     out = dec(coords, fields, CFCProgram([blk], w_out))
     x = torch.cat([F.grid_sample(fields[0], coords.view(B, N, 1, 2), padding_mode="border",
                                  align_corners=False)[..., 0].transpose(1, 2), blk.extra[:, None].expand(B, N, 1)], -1)

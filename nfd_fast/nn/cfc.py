@@ -20,15 +20,15 @@ W_l [out, in] (shared) or [B, out, in] (per sample: DDMI's modulated, demodulate
 weights, formed once per sample by the readout); b_l [out] or [B, out]; noise n_l [B, N]
 (one value per point, shared by the channels, as StyleGAN's NoiseInjection).
 
-How it is computed: each scale's features by one grid_lookup; the constant channels e
-are folded into the biases (b + W_e e, once per sample), so no constant column is
-concatenated per point. A block whose widths fit fused_mlp (in and out <= 64) and that
-draws no noise runs as one fused_mlp call with per-sample weights; other blocks run layer
-by layer as batched matmuls (fused_mlp's input and output widths stop at 64, DDMI's
-trunk is 256 wide). A single fused CFC op (lookups inside the MLP kernel, concatenations
-as split weights W_h h + W_f f_k, noise drawn in-kernel) replaces forward after its
-checks: it takes exactly forward's arguments (coords, fields, the CFCProgram's tensors,
-points, noise) and the decoder's options.
+How it is computed. Backend "triton" (nfd_fast.backend.resolve): one call of the fused
+op nfd_fast.ops.cfc_decode: each scale's features are looked up inside the MLP kernel and
+never written to memory, the concatenations run as split weights (W_h h + W_f f_k), the
+constant channels e are folded into the biases (b + W_e e, once per sample), and the
+per-sample weights arrive formed once per sample (DDMI's modulated, demodulated weights,
+made by the readout). Its backward is the reference's VJP (see nfd_fast.ops.cfc). Backend
+"torch" (and programs whose blocks differ in layer count): each scale's features by one
+grid_lookup, then per block one fused_mlp call when its widths fit fused_mlp and it
+draws no noise, else layer by layer as batched matmuls.
 """
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..ops import fused_mlp, grid_lookup
-
-BLOCK_KINDS = ("styled", "resnet_fc")
-# fused_mlp's documented widths: in 1..64, hidden up to 512, out 1..64
-FUSED_MLP_MAX_IN, FUSED_MLP_MAX_HIDDEN, FUSED_MLP_MAX_OUT = 64, 512, 64
+from .. import backend
+from ..ops import cfc_decode, fused_mlp, grid_lookup
+from ..ops.cfc import BLOCK_KINDS, SplitBlock
+from ..ops.fused_mlp import MAX_HIDDEN as FUSED_MLP_MAX_HIDDEN
+from ..ops.fused_mlp import MAX_IN as FUSED_MLP_MAX_IN
+from ..ops.fused_mlp import MAX_OUT as FUSED_MLP_MAX_OUT
 
 
 @dataclasses.dataclass
@@ -88,6 +89,33 @@ def _fold_extra(weight: torch.Tensor, bias: Optional[torch.Tensor], extra: Optio
     width = extra.shape[-1]
     folded = torch.matmul(weight[..., -width:], extra.unsqueeze(-1)).squeeze(-1)  # [B, out]
     return weight[..., :-width], folded if bias is None else folded + bias
+
+
+def _split_columns(weight: Optional[torch.Tensor], hidden: Optional[int]):
+    """(W_h, W_f) of a weight over cat[h, f] (h absent when hidden is None)."""
+    if weight is None:
+        return None, None
+    if hidden is None:
+        return None, weight
+    return weight[..., :hidden], (weight[..., hidden:] if weight.shape[-1] > hidden else None)
+
+
+def _split_block(blk: CFCBlock, hidden: Optional[int], features: Optional[int],
+                 noisy: bool) -> SplitBlock:
+    """The op's form of a block: constant channels folded into the biases, the first
+    layer and the skip split by input (an identity skip over cat[h, f] made explicit);
+    the noise weights only when the block draws noise (else they get no gradient)."""
+    w0, b0 = _fold_extra(blk.weights[0], blk.biases[0], blk.extra)
+    skip, skip_bias = (None, None) if blk.skip is None else _fold_extra(blk.skip, None, blk.extra)
+    if skip is None and features is not None:  # identity over an input that includes f
+        width = (hidden or 0) + features
+        skip = torch.eye(width, dtype=w0.dtype, device=w0.device)
+    hidden_weight, feature_weight = _split_columns(w0, hidden)
+    skip_hidden, skip_feature = _split_columns(skip, hidden)
+    noise_weights = None if blk.noise_weights is None or not noisy else \
+        torch.cat([w.reshape(1) for w in blk.noise_weights])
+    return SplitBlock(hidden_weight, feature_weight, list(blk.weights[1:]), [b0, *blk.biases[1:]],
+                      skip_hidden, skip_feature, skip_bias, blk.scale, noise_weights)
 
 
 class CFCDecoder(nn.Module):
@@ -167,8 +195,35 @@ class CFCDecoder(nn.Module):
         block None / one [B, N] tensor per layer. Returns [B, N, out]."""
         fields = [[f] if isinstance(f, torch.Tensor) else list(f) for f in fields]
         self._check(coords, fields, program, points, noise)
+        if self._fused(coords, fields, program):
+            return self.fused_forward(coords, fields, program, points, noise)
         features = self.lookup(coords, fields)
         return self.evaluate_blocks(features, program, points, noise)
+
+    def _fused(self, coords, fields, program: CFCProgram) -> bool:
+        """The fused op serves backend "triton" for programs whose blocks have one layer
+        count and whose first block reads a scale (all of DDMI's readouts)."""
+        layers = {len(blk.weights) for blk in program.blocks}
+        return len(layers) == 1 and program.blocks[0].scale is not None and \
+            backend.resolve("cfc_decoder", coords, *[f for s in fields for f in s]) == "triton"
+
+    def fused_forward(self, coords, fields, program: CFCProgram, points=None, noise=None):
+        """The readout through nfd_fast.ops.cfc_decode (one fused kernel)."""
+        widths = [f[0].shape[-1 - len(self.planes[0])] * (len(self.planes) if self.combine == "concat" else 1)
+                  for f in fields]
+        blocks, hidden = [], None
+        for k, blk in enumerate(program.blocks):
+            noisy = noise is not None and noise[k] is not None
+            blocks.append(_split_block(blk, hidden, None if blk.scale is None else widths[blk.scale],
+                                       noisy))
+            hidden = blk.weights[-1].shape[-2]
+        return cfc_decode(coords, fields, self.planes, blocks, program.out_weight, program.out_bias,
+                          points=points, point_weight=program.point_weight,
+                          point_bias=program.point_bias, noise=noise, combine=self.combine,
+                          align_corners=self.align_corners, padding_mode=self.padding_mode,
+                          block=self.block, leaky_slope=self.leaky_slope,
+                          leaky_gain=self.leaky_gain, residual_gain=self.residual_gain,
+                          out_activation=self.out_activation)
 
     def evaluate_blocks(self, features, program: CFCProgram, points, noise) -> torch.Tensor:
         h = None
