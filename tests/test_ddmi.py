@@ -397,6 +397,28 @@ def test_cfc_decoder_equals_the_plain_readouts(backend, fused_mlp_calls, cfc_op_
         assert len(fused_mlp_calls) == 8 and not cfc_op_calls
 
 
+def test_fused_readouts_with_noise_and_concatenated_planes(cfc_op_calls):
+    """Backend "triton" with what the test above leaves out: the image readout's noise
+    injection (given noise) and the video readout's concatenated planes and leaky output."""
+    torch.manual_seed(7)
+    r = small_image_readout(torch.float32, field_channels=3, hidden=19)
+    fields, coords = image_inputs(C=3, N=11, dtype=torch.float32, sizes=(3, 5, 7))
+    noise = [torch.randn(2, 11) for _ in range(12)]
+    P = dict(r.named_parameters())
+    ref = r.reference_forward(fields, coords, 0.8, noise=noise)
+    with nfd_fast.use_backend("triton"):
+        out = r(fields, coords, 0.8, noise=noise)
+    assert_matches(out, ref, {"mid": fields[1], "coords": coords, "nw": P["net_res2.conv2.noise.weight"],
+                              "rgb": P["torgb.conv.weight"]}, 2e-5)
+    v = randomize_(VideoReadout(field_channels=3, hidden=12)).float()
+    vf, vc = video_inputs(C=3, N=9, dtype=torch.float32)
+    ref = v.reference_forward(vf, vc)
+    with nfd_fast.use_backend("triton"):
+        out = v(vf, vc)
+    assert_matches(out, ref, {"xt": vf[2][2], "coords": vc, "fc": v.net_res1.fc_0.weight}, 2e-5)
+    assert len(cfc_op_calls) == 2
+
+
 def test_cfc_decoder_float16_on_the_kernels():
     r = small_image_readout(torch.float32, field_channels=4, hidden=16)
     fields, coords = image_inputs(C=4, N=9, dtype=torch.float32, sizes=(3, 5, 7))
