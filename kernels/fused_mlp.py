@@ -533,3 +533,4 @@ def fused_mlp_bwd_layer_kernel(
     else:
         tl.store(dst_ptr + grow[:, None] * C + cols[None, :], g,
                  mask=row_ok[:, None] & (cols < C)[None, :])
+

@@ -750,10 +750,11 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
     tiles = triton.cdiv(N, 64)
     dev = p.x.device
     # dz_layer and h_layer in the dtype the next dots read (16-bit modes: half the bytes,
-    # no accuracy lost); dz_0 and dx stay float32 as the first layer does
-    saved = _PACK_DTYPE.get(p.precision, torch.float32) if layer >= 1 else torch.float32
-    dst = torch.empty(M, cols, device=dev, dtype=saved)
-    h = torch.empty(M, cols, device=dev, dtype=saved) if hidden else None
+    # no accuracy lost): h_layer only feeds dW_{layer+1}, in the mode's dtype; dz_0 and dx
+    # stay float32 as the first layer does
+    operand = _PACK_DTYPE.get(p.precision, torch.float32)
+    dst = torch.empty(M, cols, device=dev, dtype=operand if layer >= 1 else torch.float32)
+    h = torch.empty(M, cols, device=dev, dtype=operand) if hidden else None
     part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else None
     # the first layer runs in float32 in every mode (its weights packed on their own)
     dot_kind, prec = _dot_config(p.precision if hidden else "ieee")
@@ -774,16 +775,37 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
 
 
 def _weight_grad(dz_t: torch.Tensor, h: torch.Tensor, precision: str) -> torch.Tensor:
-    """dW = dz^T h, float32, with the operands in the mode's dot dtype: 16-bit tensor-core
-    products with float32 accumulation (out_dtype on CUDA; on a CPU, where bmm has no
-    out_dtype, the rounded operands multiplied in float32, which is the same sum)."""
+    """dW = dz^T h, float32, with the operands in the mode's dot dtype: in the 16-bit modes
+    one 16-bit bmm with float32 accumulation and output (cuBLAS on tensor cores), the same
+    call on every device (see _bmm_out_dtype_on_cpu)."""
     dtype = _PACK_DTYPE.get(precision)
     if dtype is None:
         return torch.bmm(dz_t.float(), h.float())
-    dz_t, h = dz_t.to(dtype), h.to(dtype)
-    if dz_t.is_cuda:
-        return torch.bmm(dz_t, h, out_dtype=torch.float32)
-    return torch.bmm(dz_t.float(), h.float())
+    if not dz_t.is_cuda:
+        _bmm_out_dtype_on_cpu()
+    return torch.bmm(dz_t.to(dtype), h.to(dtype), out_dtype=torch.float32)
+
+
+_CPU_BMM_LIBRARY: list = []
+
+
+def _bmm_out_dtype_on_cpu() -> None:
+    """Gives aten::bmm.dtype (16-bit operands, float32 output) the CPU kernel PyTorch lacks,
+    once, unless PyTorch has one: the product of two 16-bit values is exact in float32, so
+    a float32 bmm of the upcast operands is the tensor cores' float32-accumulated sum (up
+    to the order of the additions). A CPU run, and the kernel report's capture, thus make
+    the very call a GPU makes."""
+    if _CPU_BMM_LIBRARY or torch._C._dispatch_has_kernel_for_dispatch_key("aten::bmm.dtype", "CPU"):
+        return
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("bmm.dtype", _bmm_out_dtype_cpu, "CPU")
+    _CPU_BMM_LIBRARY.append(library)  # the registration lasts as long as the library object
+
+
+def _bmm_out_dtype_cpu(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if out_dtype not in (a.dtype, torch.float32) or a.dtype != b.dtype:
+        raise RuntimeError(f"bmm out_dtype: {a.dtype} x {b.dtype} -> {out_dtype} is not supported")
+    return torch.bmm(a, b) if out_dtype == a.dtype else torch.bmm(a.float(), b.float())
 
 
 def _reduce_param_grad(grad_bw: torch.Tensor, like: Optional[torch.Tensor]):
@@ -1034,6 +1056,9 @@ _TENSOR_ARGS = (0, 1, 2, 4, 6, 8)  # positions of x and the tensor lists among t
 def _setup_context(ctx, inputs, output):
     _, z, zf = output
     ctx.mark_non_differentiable(z, zf)
+    # z and zf get no gradient: without this autograd would fill a zero gradient as large
+    # as the saved pre-activations before every backward
+    ctx.set_materialize_grads(False)
     ctx.inputs_meta = [inputs[i] for i in range(len(inputs)) if i not in _TENSOR_ARGS]
     tensors = [inputs[0], *[t for i in _TENSOR_ARGS[1:] for t in inputs[i]]]
     ctx.group_sizes = [len(inputs[i]) for i in _TENSOR_ARGS[1:]]
@@ -1050,6 +1075,8 @@ def _regroup(flat, sizes) -> list:
 
 
 def _backward(ctx, grad_y, _grad_z, _grad_zf):
+    if grad_y is None:  # (grads are not materialised: y took no part in the loss)
+        return (None,) * (len(ctx.inputs_meta) + len(_TENSOR_ARGS))
     z, zf, *tensors = ctx.saved_tensors
     (bias_mask, scale_mask, shift_mask, mult_mask, activations, w0, leaky_slope, leaky_gain,
      precision, fast_sine, recompute, _save, setting) = ctx.inputs_meta
