@@ -381,3 +381,96 @@ def _register_models():
 
 
 _register_models()
+
+
+# ------------------------------------------------------------- DDMI coarse-to-fine readouts
+READOUT_GOAL = "DDMI readout goal (H100)"
+
+
+def readout_flops(blocks, out: int, hidden: int, n: int) -> float:
+    """2 FLOPs per multiply-add of a readout's linear layers (skips included); blocks:
+    (input width, inner widths..., skip?) per block."""
+    macs = 0
+    for width, inner, layers, skip in blocks:
+        widths = [width] + [inner] * (layers - 1) + [hidden]
+        macs += sum(i * o for i, o in zip(widths[:-1], widths[1:])) + (width * hidden if skip else 0)
+    return 2.0 * n * (macs + hidden * out)
+
+
+def _build_ddmi_image_readout(device, quick):
+    """DDMI's image readout at generation: B fields 64^2 / 128^2 / 256^2 x 64 (their
+    decoder's output), every pixel centre of a 256^2 image, given per-layer noise."""
+    from nfd_fast.models.blocks import ROTATIONS as sets
+    from nfd_fast.models.ddmi import ImageReadout, pixel_centers
+
+    torch.manual_seed(0)
+    B, side = (2, 32) if quick else (16, 256)
+    readout = ImageReadout().to(device).eval()
+    with torch.no_grad():  # the zero-initialised noise weights and biases made non-zero
+        for name, p in readout.named_parameters():
+            if "noise" in name or "bias" in name:
+                p.normal_(0.0, 0.1)
+    g = torch.Generator(device).manual_seed(0)
+    coords = pixel_centers(side, device=device).expand(B, -1, -1).contiguous()
+    inputs = [([torch.randn(B, 64, side // 4 * 2 ** k, side // 4 * 2 ** k, device=device,
+                            generator=g) for k in range(3)],
+               [torch.randn(B, side * side, device=device, generator=g) for _ in range(12)])
+              for _ in range(sets)]
+
+    def step(fields, noise):
+        with torch.no_grad():
+            return readout(fields, coords, 1.0, noise=noise)
+
+    n = B * side * side
+    flops = readout_flops([(66, 256, 3, True), (322, 256, 3, True), (322, 256, 3, True),
+                           (256, 256, 3, False)], 3, 256, n)
+    # fewest bytes: fields once, coordinates and noise read, colours written
+    nbytes = 4 * (B * 64 * sum((side // 4 * 2 ** k) ** 2 for k in range(3)) + n * (2 + 12 + 3))
+    impls = {"eager": _with_backend("torch", step),
+             "compiled": torch.compile(_with_backend("torch", step)),
+             "nfd_fast": _with_backend("auto", step)}
+    return Work(flops, nbytes, n), {k: Rotating(f, inputs) for k, f in impls.items()}
+
+
+def _build_ddmi_shape_readout(device, quick):
+    """DDMI's occupancy readout: B shapes, tri-planes 16^2 / 32^2 / 64^2 x 64 per scale,
+    2^18 query points per shape."""
+    from nfd_fast.models.blocks import ROTATIONS as sets
+    from nfd_fast.models.ddmi import ShapeReadout
+
+    torch.manual_seed(0)
+    B, n_points = (2, 2**10) if quick else (8, 2**18)
+    readout = ShapeReadout().to(device).eval()
+    with torch.no_grad():  # fc_1 starts at zero: random weights exercise every layer
+        for p in readout.parameters():
+            p.normal_(0.0, 0.05)
+    g = torch.Generator(device).manual_seed(0)
+    inputs = [([[torch.randn(B, 64, r, r, device=device, generator=g) for _ in range(3)]
+                for r in (16, 32, 64)],
+               torch.rand(B, n_points, 3, device=device, generator=g) - 0.5)
+              for _ in range(sets)]
+
+    def step(fields, points):
+        with torch.no_grad():
+            return readout(fields, points)
+
+    n = B * n_points
+    flops = readout_flops([(64, 64, 2, True), (320, 256, 2, True), (320, 256, 2, True),
+                           (256, 256, 2, False)], 1, 256, n) + 2.0 * n * 3 * 256
+    nbytes = 4 * (B * 3 * 64 * (16 ** 2 + 32 ** 2 + 64 ** 2) + n * (3 + 1))
+    impls = {"eager": _with_backend("torch", step),
+             "compiled": torch.compile(_with_backend("torch", step)),
+             "nfd_fast": _with_backend("auto", step)}
+    return Work(flops, nbytes, n), {k: Rotating(f, inputs) for k, f in impls.items()}
+
+
+register(Case("ddmi_image_readout",
+              "DDMI image readout, fields 64^2/128^2/256^2 x 64, hidden 256, B=16 x 256^2 pixels "
+              "with noise (quick 2 x 32^2)", _build_ddmi_image_readout,
+              targets=(Target("nfd_fast", "speedup", 5.0, "eager", READOUT_GOAL),
+                       Target("nfd_fast", "speedup", 2.0, "compiled", READOUT_GOAL))))
+register(Case("ddmi_shape_readout",
+              "DDMI occupancy readout, tri-planes 16^2/32^2/64^2 x 64, hidden 256, B=8 x 2^18 "
+              "points (quick 2 x 2^10)", _build_ddmi_shape_readout,
+              targets=(Target("nfd_fast", "speedup", 5.0, "eager", READOUT_GOAL),
+                       Target("nfd_fast", "speedup", 2.0, "compiled", READOUT_GOAL))))
