@@ -10,10 +10,11 @@ torch.nn.functional.grid_sample(mode="bilinear") would:
 and combines the factors (sum / product / mean in registers, or concat into adjacent
 columns) before one store. A line factor (a,) is a plane of height 1 read at y = 0.
 
-Factors are separate tensors of any strides (channels-last fields give contiguous
-channel reads). Their base addresses and strides come from an int64 table, one row per
-factor: [address, size_x, size_y, size_z, stride_b, stride_c, stride_x, stride_y,
-stride_z]; the kernel casts the address to a pointer of the field dtype. The factors'
+Factors are separate tensors whose channels lie at stride 1 (channels-last storage: a
+tap's channels are one contiguous vector; the op converts other layouts once per call),
+any strides otherwise. Their base addresses and strides come from an int64 table, one row
+per factor: [address, size_x, size_y, size_z, stride_b, stride_x, stride_y, stride_z];
+the kernel casts the address to a pointer of the field dtype. The factors'
 axes and dimensionality are a constexpr bit-field: factor p uses bits 8p.. as
 ndim (2 bits) | axis_x (2) | axis_y (2) | axis_z (2).
 """
@@ -25,7 +26,7 @@ SUM = tl.constexpr(0)
 PRODUCT = tl.constexpr(1)
 MEAN = tl.constexpr(2)
 CONCAT = tl.constexpr(3)
-TABLE_COLS = 9
+TABLE_COLS = tl.constexpr(8)
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def _factor_geometry(table_ptr, p, coords_ptr, prow, D, META: tl.constexpr,
     AX: tl.constexpr = (META >> 2) & 3
     AY: tl.constexpr = (META >> 4) & 3
     AZ: tl.constexpr = (META >> 6) & 3
-    row = table_ptr + p * 9
+    row = table_ptr + p * TABLE_COLS
     sx = tl.load(row + 1)
     sy = tl.load(row + 2)
     sz = tl.load(row + 3)
@@ -115,10 +116,10 @@ def _tap(k: tl.constexpr, tx, ty, tz, x0, y0, z0, sx, sy, sz, NDIM: tl.constexpr
 
 @triton.jit
 def _tap_pointer(table_ptr, p, b, cx, cy, cz, ch, DTYPE: tl.constexpr):
-    row = table_ptr + p * 9
+    row = table_ptr + p * TABLE_COLS
     base = tl.load(row).to(tl.pointer_type(DTYPE))
-    off = b * tl.load(row + 4) + cx * tl.load(row + 6) + cy * tl.load(row + 7) + cz * tl.load(row + 8)
-    return base + off[:, None] + ch[None, :] * tl.load(row + 5)
+    off = b * tl.load(row + 4) + cx * tl.load(row + 5) + cy * tl.load(row + 6) + cz * tl.load(row + 7)
+    return base + off[:, None] + ch[None, :]  # channels at stride 1
 
 
 @triton.jit

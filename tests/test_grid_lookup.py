@@ -102,6 +102,34 @@ def test_channels_last_and_wide_channels():
     check(coords, fields, planes, TOL[torch.float32], align_corners=True)
 
 
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_any_field_layout_reads_right_and_gets_its_gradient_in_its_own_layout(combine):
+    """NCHW fields are copied to channels-last for the kernels (again in a backward that
+    reads field values: "product"); every field's gradient comes back in that field's
+    own strides: NCHW, channels-last, sliced (not dense) and expanded (stride 0) fields."""
+    g = torch.Generator().manual_seed(5)
+    B, C = 3, 6
+    coords = (torch.rand(B, 29, 3, generator=g) * 2.4 - 1.2).to(DEVICE).requires_grad_()
+    nchw = torch.randn(B, C, 7, 5, generator=g).to(DEVICE).requires_grad_()
+    last = torch.randn(B, C, 4, 9, generator=g).to(DEVICE).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    # views of leaves: the gradient is taken with respect to the views themselves
+    sliced = torch.randn(B, C + 2, 5, 11, generator=g).to(DEVICE).requires_grad_()[:, 1:-1, :, ::2]
+    expanded = torch.randn(1, C, 6, 3, generator=g).to(DEVICE).requires_grad_().expand(B, -1, -1, -1)
+    fields = [[nchw, last], [sliced, expanded]]
+    planes = [(0, 1), (1, 2)]
+    check(coords, fields, planes, TOL[torch.float32], combine=combine)
+    with nfd_fast.use_backend("triton"):
+        y = grid_lookup(coords, fields, planes, combine=combine)
+    flat = [f for s in fields for f in s]
+    grads = torch.ops.nfd_fast.grid_lookup_backward(
+        torch.randn_like(y), coords, flat, [0, 1, 1, 2], [2, 2], combine, False, "border",
+        [True] * 5, "triton")
+    for f, gf in zip(flat, grads[1:]):
+        assert gf.shape == f.shape and gf.stride() == torch.empty_like(f).stride()
+    assert grads[2].stride()[1] == 1  # channels-last stays channels-last
+
+
 def test_ddmi_image_convention_pixel_centres():
     """DDMI images: pixel centres linspace(-(N-1)/N, (N-1)/N), align_corners False: a
     field at the image resolution reads back its own pixels exactly."""

@@ -162,3 +162,19 @@ def test_compiled_floor_fuses_pointwise_chains():
     assert model.fused_bytes(chain) == 200
     kept = chain + [call(False, [(2, 100)], [(4, 50)])]
     assert model.fused_bytes(kept) == 300
+
+
+def test_capture_records_the_copies_of_ops_that_may_alias():
+    """Below autograd (inside nfd_fast's ops) the capture sees contiguous / reshape whole:
+    a copy they make is glue (read + write), a view they return moves nothing."""
+    import importlib
+
+    import torch
+
+    capture = importlib.import_module("nfd_fast.kernel_report.capture")
+    rec = capture.Recorder()
+    x = torch.randn(4, 6)
+    with torch._C._AutoDispatchBelowAutograd(), capture.trace_mode(rec):
+        x.contiguous(), x.reshape(24)  # views
+        x.t().contiguous(), x.t().reshape(24)  # copies of 96 bytes
+    assert [(e["op"], e["bytes"]) for e in rec.events] == [("contiguous", 192), ("reshape", 192)]

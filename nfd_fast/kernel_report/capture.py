@@ -214,7 +214,7 @@ def trace_mode(recorder: Recorder):
                 with self:
                     return body(*args, **kwargs)
             out = func(*args, **kwargs)
-            if not _is_view_or_meta(func):
+            if _moves_data(func, args, kwargs, out):
                 recorder.aten(func, args, kwargs, out)
             return out
 
@@ -235,10 +235,32 @@ _NO_WORK = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_stri
             "lift_fresh", "set_", "_local_scalar_dense")
 
 
-def _is_view_or_meta(func) -> bool:
-    """Calls that move no data: views (results alias an input) and allocations."""
+def _moves_data(func, args, kwargs, out) -> bool:
+    """False for calls that move no data: allocations, and views (the schema says the
+    result aliases an input) that did alias. A call whose schema allows an alias but
+    which copied (contiguous, reshape, to) moves data: where autograd has already run
+    (inside nfd_fast's ops) the mode sees such calls whole, not the clone they make."""
+    if func.overloadpacket.__name__ in _NO_WORK:
+        return False
     aliases = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-    return aliases or func.overloadpacket.__name__ in _NO_WORK
+    return not aliases or _copied(args, kwargs, out)
+
+
+def _storage(t) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def _copied(args, kwargs, out) -> bool:
+    """Whether a result shares no input's storage."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    results = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    inputs = {_storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    return any(_storage(t) is not None and _storage(t) not in inputs for t in results)
 
 
 def run_probe(recorder: Recorder, name: str) -> dict:

@@ -16,12 +16,18 @@ differ per plane and scale; channels are equal within a scale. Output [B, N, F] 
 fields' dtype, F = sum_s C_s (or C_s * P for concat). Math in float32 (the reference
 upcasts too, so float16 fields are not also rounded through float16 coordinates).
 
-Fused (backend "triton"): one launch per scale reads every plane's taps in place (any
-strides: channels-last fields read contiguous channel vectors) and writes the combined
-features once. Backward: field gradients by relaxed float32 atomic adds, coordinate
-gradients with grid_sample's clip rule (zero at and beyond the border). NaN coordinates
-give NaN features (grid_sample itself returns a border value for them in 'border' mode on
-CPU).
+Fused (backend "triton"): one launch per scale reads every plane's taps in place and
+writes the combined features once. The kernels read a tap's channels as one contiguous
+vector, so they need channels at stride 1 (channels-last storage, as nn.MultiScaleField
+keeps its parameters and as a decoder can emit its fields). A field in another layout
+(NCHW) is copied to channels-last once per call, forward and again in a backward that
+reads field values: the sm_90a model puts that copy (one read and one write of the
+field) far below what strided channel reads cost, forward and backward. Backward:
+field gradients by relaxed float32 atomic adds into channels-last buffers, returned in
+each field's own layout (one more copy for an NCHW field, folded into the dtype cast);
+coordinate gradients with grid_sample's clip rule (zero at and beyond the border). NaN
+coordinates give NaN features (grid_sample itself returns a border value for them in
+'border' mode on CPU).
 
 The reference interpolates with gathers and weights in plain PyTorch instead of calling
 grid_sample, whose backward cannot be differentiated again: so second order (gradients
@@ -205,8 +211,23 @@ class _Spec:
                     num_warps=NUM_WARPS)
 
 
+def _channels_at_stride_one(field: torch.Tensor, rank: int) -> torch.Tensor:
+    """field itself if its channels (dimension -rank) lie at stride 1, else a channels-last
+    copy of the same shape: the layout the kernels read (see the module docstring)."""
+    c = field.dim() - rank
+    if field.shape[c] == 1 or field.stride(c) == 1:
+        return field
+    return field.movedim(c, -1).contiguous().movedim(-1, c)
+
+
+def _kernel_layout(flat, planes) -> list:
+    P = len(planes)
+    return [_channels_at_stride_one(f, 1 + len(planes[i % P])) for i, f in enumerate(flat)]
+
+
 def _table(tensors, planes, batch: int) -> torch.Tensor:
-    """Rows [address, size_x, size_y, size_z, stride_b, stride_c, stride_x, stride_y, stride_z]."""
+    """Rows [address, size_x, size_y, size_z, stride_b, stride_x, stride_y, stride_z] of
+    fields whose channels lie at stride 1 (_channels_at_stride_one)."""
     rows = []
     for t, axes in zip(tensors, planes):
         rank = 1 + len(axes)
@@ -217,7 +238,7 @@ def _table(tensors, planes, batch: int) -> torch.Tensor:
         # grid_sample order: the last dimension is x (width), then y (height), then z (depth)
         sizes = spatial[::-1] + [1] * (3 - len(axes))
         strides = sp_strides[::-1] + [0] * (3 - len(axes))
-        rows.append((t.data_ptr(), *sizes, sb, st[-rank], *strides))
+        rows.append((t.data_ptr(), *sizes, sb, *strides))
     return constant_table(tuple(rows), torch.int64, tensors[0].device)
 
 
@@ -251,6 +272,7 @@ def kernel_forward(spec: _Spec, coords: torch.Tensor, flat) -> torch.Tensor:
     P = len(spec.planes)
     cols, width = spec.columns()
     coords = coords.contiguous()
+    flat = _kernel_layout(flat, spec.planes)
     out = torch.empty(B, N, width, device=coords.device, dtype=flat[0].dtype)
     for s in range(spec.num_scales):
         scale = flat[s * P:(s + 1) * P]
@@ -261,10 +283,10 @@ def kernel_forward(spec: _Spec, coords: torch.Tensor, flat) -> torch.Tensor:
     return out
 
 
-def kernel_backward(spec: _Spec, grad_out, coords, flat, needs) -> list:
-    """Gradients [coords, *fields] (None where not needed). Field gradients are float32
-    buffers in each field's own layout (a channels-last field's gradient is channels-last,
-    so a warp's atomics touch neighbouring addresses)."""
+def kernel_backward(spec: _Spec, grad_out, coords, fields, needs) -> list:
+    """Gradients [coords, *fields] (None where not needed). Field gradients are summed in
+    channels-last float32 buffers (a warp's atomics touch neighbouring addresses) and
+    returned in each field's own layout and dtype."""
     from ..kernels import grid_lookup as K
 
     B, N, D = coords.shape
@@ -274,7 +296,12 @@ def kernel_backward(spec: _Spec, grad_out, coords, flat, needs) -> list:
     grad_out = grad_out.contiguous()
     dcoords = torch.zeros(B * N, D, device=coords.device, dtype=torch.float32) if needs[0] else None
     need_fields = any(needs[1:])
-    dfields = [torch.zeros_like(f, dtype=torch.float32) for f in flat] if need_fields else None
+    # the field values are read only for coordinate gradients and "product"; otherwise
+    # the table's sizes and strides are all the kernel reads, and no copy is made
+    reads_values = needs[0] or spec.combine == "product"
+    flat = _kernel_layout(fields, spec.planes) if reads_values else fields
+    dfields = [_channels_last_zeros(f, 1 + len(spec.planes[i % P]))
+               for i, f in enumerate(fields)] if need_fields else None
     for s in range(spec.num_scales):
         scale = flat[s * P:(s + 1) * P]
         grad_table = _table(dfields[s * P:(s + 1) * P], spec.planes, B) if need_fields else None
@@ -284,9 +311,26 @@ def kernel_backward(spec: _Spec, grad_out, coords, flat, needs) -> list:
             spec.channels[s], cols[s], tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c,
             **spec.kernel_options(flat[0].dtype))
     grads = [dcoords.view(B, N, D).to(coords.dtype) if needs[0] else None]
-    grads += [g.to(f.dtype) if need else None for g, f, need in
-              zip(dfields or [None] * len(flat), flat, needs[1:])]
+    grads += [_in_layout_of(f, g) if need else None for g, f, need in
+              zip(dfields or [None] * len(fields), fields, needs[1:])]
     return grads
+
+
+def _channels_last_zeros(field: torch.Tensor, rank: int) -> torch.Tensor:
+    """float32 zeros of field's shape with channels (dimension -rank) innermost and dense,
+    whatever field's own strides (an expanded or sliced field included)."""
+    c = field.dim() - rank
+    shape = list(field.shape)
+    shape.append(shape.pop(c))
+    return torch.zeros(shape, device=field.device, dtype=torch.float32).movedim(-1, c)
+
+
+def _in_layout_of(field: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad in field's dtype and strides: no copy when they already agree, else one copy
+    that casts and re-lays out together."""
+    if grad.dtype == field.dtype and grad.stride() == field.stride():
+        return grad
+    return torch.empty_like(field).copy_(grad)
 
 
 # ------------------------------------------------------------------------- registration
