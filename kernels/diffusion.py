@@ -17,9 +17,17 @@ The second output is written only when out2_ptr is given (None: the caller keeps
 Layout: every tensor is [B, S] contiguous (S = elements per sample). Programs run along
 grid axis 0 only (CUDA allows 2^31 - 1 there, 65,535 on axes 1 and 2): program pid owns
 elements (pid % T) * BLOCK .. of sample pid // T, T = blocks per sample, so per-sample
-coefficients are scalars of the program. In-kernel noise is Philox (tl.randn) keyed by a
-seed read from memory (so a captured CUDA graph draws fresh noise when the seed buffer is
-refilled) and the element's position (four normals per Philox call).
+coefficients are scalars of the program. In-kernel noise is Philox4x32-10 (tl.randint4x)
+keyed by a seed read from memory (so a captured CUDA graph draws fresh noise when the seed
+buffer is refilled) and the element's position, turned into four normals per Philox call
+by Box-Muller on two pairs of its 32-bit outputs (_box_muller).
+
+Box-Muller's sine and cosine are the kernel's main cost if taken from libdevice (about 120
+instructions each with their range reduction, the step then issue-bound on an H100 in the
+sm_90a model). Here the angle's quadrant comes straight from two bits of the random integer
+and the rest is a uniform angle in [-pi/4, pi/4), where short polynomials (Cephes' sinf and
+cosf) give sine and cosine within 2 float32 ulps; no range reduction is needed.
+tests/test_diffusion.py measures the error against float64 and the normals' distribution.
 """
 import triton
 import triton.language as tl
@@ -38,19 +46,75 @@ SAMPLE = tl.constexpr(1)
 V_PREDICTION = tl.constexpr(2)
 
 
+# Cephes sinf / cosf on |x| <= pi/4 (relative error about 1 ulp in float32)
+SIN_C1 = tl.constexpr(-1.6666654611e-1)
+SIN_C2 = tl.constexpr(8.3321608736e-3)
+SIN_C3 = tl.constexpr(-1.9515295891e-4)
+COS_C2 = tl.constexpr(4.166664568298827e-2)
+COS_C3 = tl.constexpr(-1.388731625493765e-3)
+COS_C4 = tl.constexpr(2.443315711809948e-5)
+TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)  # 2^-32
+TWO_POW_M33 = tl.constexpr(1.1641532182693481e-10)  # 2^-33
+ANGLE_SCALE = tl.constexpr(1.4629180792671596e-09)  # (pi / 2) / 2^30
+QUARTER_PI = tl.constexpr(0.7853981633974483)
+
+
+@triton.jit
+def _sincos(x):
+    """(sin x, cos x) for |x| <= pi/4 by Cephes' polynomials (no range reduction)."""
+    x2 = x * x
+    s = x + x * x2 * (SIN_C1 + x2 * (SIN_C2 + x2 * SIN_C3))
+    c = 1.0 - 0.5 * x2 + x2 * x2 * (COS_C2 + x2 * (COS_C3 + x2 * COS_C4))
+    return s, c
+
+
+@triton.jit
+def _box_muller(radius_bits, angle_bits):
+    """Two independent standard normals from two uniform uint32s:
+    r = sqrt(-2 ln u), u = (radius_bits + 1/2) 2^-32 in (0, 1] (largest |z| 6.76);
+    angle = q pi/2 + x: q = the top two bits of angle_bits, x = the other 30 bits as a
+    uniform angle in [-pi/4, pi/4). (r cos, r sin) of the angle is (r cos x, r sin x)
+    turned by q quarter turns: q odd swaps the two, and the signs are flipped by XOR on
+    the float bits (first: q in {1, 2}, second: q in {2, 3})."""
+    u = radius_bits.to(tl.float32) * TWO_POW_M32 + TWO_POW_M33
+    r = tl.sqrt(-2.0 * tl.log(u))
+    x = (angle_bits & 0x3FFFFFFF).to(tl.float32) * ANGLE_SCALE - QUARTER_PI
+    s, c = _sincos(x)
+    swap = (angle_bits & 0x40000000) != 0
+    first = tl.where(swap, s, c)
+    second = tl.where(swap, c, s)
+    sign_first = (angle_bits ^ (angle_bits << 1)) & 0x80000000
+    sign_second = angle_bits & 0x80000000
+    r_bits = r.to(tl.uint32, bitcast=True)
+    return (r_bits ^ sign_first).to(tl.float32, bitcast=True) * first, \
+        (r_bits ^ sign_second).to(tl.float32, bitcast=True) * second
+
+
+@triton.jit
+def philox_normals(seed, counter):
+    """Four standard normals per uint32 counter: Philox4x32-10 then _box_muller on the
+    pairs of its outputs."""
+    i0, i1, i2, i3 = tl.randint4x(seed, counter)
+    n0, n1 = _box_muller(i0, i1)
+    n2, n3 = _box_muller(i2, i3)
+    return n0, n1, n2, n3
+
+
 @triton.jit
 def _noise(noise_ptr, seed_ptr, offs, mask, b, tile, S, BLOCK: tl.constexpr):
     """z: the given noise, else Philox normals from the seed, else zeros.
 
-    One Philox call gives four normals (tl.randn4x): element `col` of sample b takes
+    One Philox call gives four normals (philox_normals): element `col` of sample b takes
     lane col % 4 of counter b * ceil(S / 4) + col // 4, so a block of BLOCK elements
     (BLOCK a multiple of 4, blocks aligned within the sample) makes BLOCK / 4 calls.
-    Counters are 32-bit: streams repeat after 2^34 elements (64 GiB of float32)."""
+    Counters are 32-bit (the arithmetic wraps modulo 2^32, in uint32): streams repeat
+    after 2^34 elements (64 GiB of float32)."""
     if noise_ptr is not None:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     elif seed_ptr is not None:
-        counter = b * tl.cdiv(S, 4) + tile * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-        n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), counter.to(tl.uint32))
+        first = b.to(tl.uint32) * tl.cdiv(S, 4).to(tl.uint32) + tile.to(tl.uint32) * (BLOCK // 4)
+        counter = first + tl.arange(0, BLOCK // 4).to(tl.uint32)
+        n0, n1, n2, n3 = philox_normals(tl.load(seed_ptr), counter)
         # [BLOCK/4, 2, 2] flattened: element 4k + 2j + i is n(2i + j) of counter k
         z = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), (BLOCK,))
     else:
