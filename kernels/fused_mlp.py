@@ -30,6 +30,8 @@ into the full-width accumulator of layer b. Every weight tile is then [K, BLOCK_
 [BLOCK_N, K] and nothing but x and y touches device memory (plus the pre-activations when
 they are saved for backward).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -45,6 +47,16 @@ ACT_BASE = tl.constexpr(16)  # (digit arithmetic: the interpreter's constexpr ha
 # Hidden layer l's true width where it is narrower than HID_PAD (else 0) is base-WIDTH_BASE
 # digit l of the constexpr PADDED_WIDTHS (WIDTH_BASE > the widest hidden layer, 512).
 WIDTH_BASE = tl.constexpr(1024)
+
+# Sine kinds: libdevice's sinf, the range-reduced polynomial (_fast_sin), and the range
+# reduction followed by the hardware's sin.approx.f32 (MUFU.SIN, _mufu_sin).
+LIBDEVICE_SINE = tl.constexpr(0)
+POLYNOMIAL_SINE = tl.constexpr(1)
+MUFU_SINE = tl.constexpr(2)
+# The interpreter runs no inline assembly: under it MUFU_SINE takes libm's sine of the same
+# reduced argument. Read when the kernels are compiled, so a compiled kernel always holds
+# the instruction, whatever process recorded its launch.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 # Dot operand kinds.
 DOT_FP32 = tl.constexpr(0)
@@ -83,8 +95,27 @@ def _fast_sin(x):
 
 
 @triton.jit
-def _sin(x, FAST_SINE: tl.constexpr):
-    if FAST_SINE:
+def _mufu_sin(x):
+    """sin(x) by the Cody-Waite reduction of _fast_sin to [-pi, pi], then one MUFU.SIN
+    (sin.approx.f32: absolute error about 2^-21 on [-pi, pi] per the PTX ISA) instead of
+    the fold and the polynomial: about 8 issue slots in place of 20, and the MUFU pipe,
+    idle otherwise, takes the rest. For the 16-bit modes, whose operand rounding (2^-9,
+    2^-12) is far coarser. NaN past FAST_SINE_BOUND as _fast_sin."""
+    k = tl.floor(x * _INV_2PI + 0.5)
+    r = (x - k * _TWO_PI_HI) - k * _TWO_PI_LO
+    if INTERPRETED:
+        s = tl.sin(r)
+    else:
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    return tl.where(tl.abs(x) <= FAST_SINE_BOUND, s, float("nan"))
+
+
+@triton.jit
+def _sin(x, SINE_KIND: tl.constexpr):
+    if SINE_KIND == MUFU_SINE:
+        s = _mufu_sin(x)
+    elif SINE_KIND == POLYNOMIAL_SINE:
         s = _fast_sin(x)
     else:
         s = tl.sin(x)
@@ -108,16 +139,16 @@ def _act_params(act_ptr, layer):
 
 
 @triton.jit
-def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr,
+def _activation(u, act_ptr, layer, ACT: tl.constexpr, SINE_KIND: tl.constexpr,
                 W0_FOLDED: tl.constexpr):
     """act(u). W0_FOLDED (hidden layers): w0 is already in u (the host folded it into the
     packed weights, bias and shift), so the sine reads the accumulator as it is."""
     w0, slope, gain = _act_params(act_ptr, layer)
     if ACT == SINE:
         if W0_FOLDED:
-            a = _sin(u, FAST_SINE)
+            a = _sin(u, SINE_KIND)
         else:
-            a = _sin(w0 * u, FAST_SINE)
+            a = _sin(w0 * u, SINE_KIND)
     elif ACT == RELU:
         a = tl.where(u != u, u, tl.maximum(u, 0.0))  # NaN in, NaN out (maximum drops it)
     elif ACT == LEAKY_RELU:
@@ -132,7 +163,7 @@ def _activation(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr,
 
 
 @triton.jit
-def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constexpr,
+def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, SINE_KIND: tl.constexpr,
                      W0_FOLDED: tl.constexpr):
     """(act(u), d act / d u). Recomputing act here saves storing it in the forward. With
     W0_FOLDED, u is w0 times the unfolded one and so is the derivative's variable."""
@@ -140,11 +171,11 @@ def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, FAST_SINE: tl.constex
     if ACT == SINE:
         # cos(t) = sin(t + pi/2): the same (fast) sine keeps forward and backward consistent
         if W0_FOLDED:
-            a = _sin(u, FAST_SINE)
-            da = _sin(u + 1.5707963267948966, FAST_SINE)
+            a = _sin(u, SINE_KIND)
+            da = _sin(u + 1.5707963267948966, SINE_KIND)
         else:
-            a = _sin(w0 * u, FAST_SINE)
-            da = w0 * _sin(w0 * u + 1.5707963267948966, FAST_SINE)
+            a = _sin(w0 * u, SINE_KIND)
+            da = w0 * _sin(w0 * u + 1.5707963267948966, SINE_KIND)
     elif ACT == RELU:
         a = tl.where(u != u, u, tl.maximum(u, 0.0))
         da = tl.where(u > 0.0, 1.0, 0.0)
@@ -207,7 +238,7 @@ def _zero_padding(h, cols, WIDTH: tl.constexpr):
 @triton.jit
 def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
               stride_sb, stride_tb, stride_mb, HID_PAD: tl.constexpr, ACT: tl.constexpr,
-              FAST_SINE: tl.constexpr, WIDTH: tl.constexpr):
+              SINE_KIND: tl.constexpr, WIDTH: tl.constexpr):
     """h = act(scale * z + shift) * mult for the columns `cols` of hidden layer `layer`
     (an absent modulation is a None pointer, so its code is not compiled), zero in the
     padded units past WIDTH (see _zero_padding)."""
@@ -217,7 +248,7 @@ def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
         u = u * tl.load(scale_ptr + b * stride_sb + mod)[None, :]
     if shift_ptr is not None:
         u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
-    h = _activation(u, act_ptr, layer, ACT, FAST_SINE, True)
+    h = _activation(u, act_ptr, layer, ACT, SINE_KIND, True)
     if mult_ptr is not None:
         h = h * tl.load(mult_ptr + b * stride_mb + mod)[None, :]
     return _zero_padding(h, cols, WIDTH)
@@ -244,7 +275,7 @@ def _grid_coordinates(lin, cin, gsize_ptr, gaffine_ptr, BLOCK_M: tl.constexpr, I
 @triton.jit
 def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                       stride_sb, stride_tb, stride_mb, HID_PAD: tl.constexpr, ACT: tl.constexpr,
-                      FAST_SINE: tl.constexpr, TANGENTS: tl.constexpr,
+                      SINE_KIND: tl.constexpr, TANGENTS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
     """(h, t_h): h = act(scale z + shift) mult and its forward-mode tangents
     t_h = act'(u) scale t_z mult. tz stacks TANGENTS blocks of BLOCK_M rows (tangent d of
@@ -259,7 +290,7 @@ def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act
         tz = tz * s
     if shift_ptr is not None:
         u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
-    h, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE, True)
+    h, da = _activation_grad(u, act_ptr, layer, ACT, SINE_KIND, True)
     da = tl.where(u != u, u, da)  # a NaN point's tangents are NaN (relu' is a comparison)
     th = tl.reshape(tl.reshape(tz, (TANGENTS, BLOCK_M, BLOCK)) * da[None, :, :],
                     (TANGENTS * BLOCK_M, BLOCK))
@@ -272,10 +303,10 @@ def _tangent_modulate(z, tz, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act
 
 @triton.jit
 def _store_jacobian(z, tz, cols, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT, layer,
-                    FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr,
+                    FINAL_ACT: tl.constexpr, SINE_KIND: tl.constexpr,
                     TANGENTS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
     """y = final_act(z) and J[row, o, d] = final_act'(z) t_z (j_ptr: [M, OUT, IN])."""
-    y, da = _activation_grad(z, act_ptr, layer, FINAL_ACT, FAST_SINE, False)
+    y, da = _activation_grad(z, act_ptr, layer, FINAL_ACT, SINE_KIND, False)
     da = tl.where(z != z, z, da)  # NaN in, NaN Jacobian out
     offs = grow[:, None] * OUT + cols[None, :]
     mask = row_ok[:, None] & (cols < OUT)[None, :]
@@ -294,7 +325,7 @@ def fused_mlp_fwd_kernel(
     stride_fb, stride_wb, stride_bb, stride_sb, stride_tb, stride_mb,
     NUM_LAYERS: tl.constexpr, D: tl.constexpr,
     IN_PAD: tl.constexpr, HID_PAD: tl.constexpr, OUT_PAD: tl.constexpr,
-    ACTS: tl.constexpr, FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr,
+    ACTS: tl.constexpr, FINAL_ACT: tl.constexpr, SINE_KIND: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
     GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0, TANGENTS: tl.constexpr = 0,
@@ -385,13 +416,13 @@ def fused_mlp_fwd_kernel(
                                             2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                                             stride_sb, stride_tb, stride_mb, HID_PAD,
                                             (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE,
-                                            FAST_SINE, TANGENTS, BLOCK_M, BLOCK_N,
+                                            SINE_KIND, TANGENTS, BLOCK_M, BLOCK_N,
                                             (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
                 tacc += _matmul(thc, w_b, DOT_KIND, PRECISION)
             else:
                 hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                                stride_sb, stride_tb, stride_mb, HID_PAD,
-                               (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, FAST_SINE,
+                               (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, SINE_KIND,
                                (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
             acc += _matmul(hc, w_b, DOT_KIND, PRECISION)
         if b_ptr is not None:
@@ -399,10 +430,10 @@ def fused_mlp_fwd_kernel(
         if 2 * p + 1 == NUM_LAYERS - 1:
             if TANGENTS > 0:
                 _store_jacobian(acc, tacc, nb, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT,
-                                2 * p + 1, FINAL_ACT, FAST_SINE, TANGENTS, BLOCK_M, OUT_PAD)
+                                2 * p + 1, FINAL_ACT, SINE_KIND, TANGENTS, BLOCK_M, OUT_PAD)
             else:
                 _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, 2 * p + 1,
-                              FINAL_ACT, FAST_SINE)
+                              FINAL_ACT, SINE_KIND)
         else:
             if z_ptr is not None:
                 tl.store(z_ptr + ((2 * p + 1) * m64 + grow[:, None]) * HID_PAD + cfull[None, :],
@@ -411,12 +442,12 @@ def fused_mlp_fwd_kernel(
                 h, t = _tangent_modulate(acc, tacc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr,
                                          mult_ptr, act_ptr, stride_sb, stride_tb, stride_mb,
                                          HID_PAD, (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE,
-                                         FAST_SINE, TANGENTS, BLOCK_M, HID_PAD,
+                                         SINE_KIND, TANGENTS, BLOCK_M, HID_PAD,
                                          (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
             else:
                 h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
                               stride_sb, stride_tb, stride_mb, HID_PAD,
-                              (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, FAST_SINE,
+                              (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, SINE_KIND,
                               (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
                 # held as the next dots read it: half the registers in 16-bit modes, and
                 # no conversion repeated per column block
@@ -434,21 +465,21 @@ def fused_mlp_fwd_kernel(
             if TANGENTS > 0:
                 _store_jacobian(yc, _matmul(t, w_out, DOT_KIND, PRECISION), cj, grow, row_ok,
                                 y_ptr, j_ptr, act_ptr, IN, OUT, NUM_LAYERS - 1, FINAL_ACT,
-                                FAST_SINE, TANGENTS, BLOCK_M, BLOCK_OUT)
+                                SINE_KIND, TANGENTS, BLOCK_M, BLOCK_OUT)
             else:
                 _store_output(yc, cj, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, NUM_LAYERS - 1,
-                              FINAL_ACT, FAST_SINE)
+                              FINAL_ACT, SINE_KIND)
 
 
 @triton.jit
 def _store_output(z, cols, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, layer,
-                  FINAL_ACT: tl.constexpr, FAST_SINE: tl.constexpr):
+                  FINAL_ACT: tl.constexpr, SINE_KIND: tl.constexpr):
     offs = grow[:, None] * OUT + cols[None, :]
     mask = row_ok[:, None] & (cols < OUT)[None, :]
     if FINAL_ACT != IDENTITY:
         if zf_ptr is not None:
             tl.store(zf_ptr + offs, z, mask=mask)
-        z = _activation(z, act_ptr, layer, FINAL_ACT, FAST_SINE, False)
+        z = _activation(z, act_ptr, layer, FINAL_ACT, SINE_KIND, False)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -458,7 +489,7 @@ def fused_mlp_bwd_layer_kernel(
     dst_ptr, h_ptr, part_ptr,
     N, M, C, layer, row_tiles, stride_wb, stride_sb, stride_tb, stride_mb,
     K: tl.constexpr, ROW: tl.constexpr, HID_PAD: tl.constexpr, ACT: tl.constexpr,
-    HIDDEN: tl.constexpr, FAST_SINE: tl.constexpr,
+    HIDDEN: tl.constexpr, SINE_KIND: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     WIDTH: tl.constexpr = 0,
@@ -507,7 +538,7 @@ def fused_mlp_bwd_layer_kernel(
             u = u * s[None, :]
         if shift_ptr is not None:
             u = u + tl.load(shift_ptr + b * stride_tb + mod)[None, :]
-        a, da = _activation_grad(u, act_ptr, layer, ACT, FAST_SINE, True)
+        a, da = _activation_grad(u, act_ptr, layer, ACT, SINE_KIND, True)
         h = a
         dmult = g * a
         if mult_ptr is not None:
@@ -533,4 +564,3 @@ def fused_mlp_bwd_layer_kernel(
     else:
         tl.store(dst_ptr + grow[:, None] * C + cols[None, :], g,
                  mask=row_ok[:, None] & (cols < C)[None, :])
-

@@ -2,6 +2,9 @@
 the first layer runs in float32 in every mode, and each mode's error (the reference with
 its operand rounding emulated) stays within its documented bound."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,9 +164,25 @@ def test_tf32x3_emulation_is_the_three_product_split():
     assert err(emulated_matmul(a, b, "fp16")) > 1e-4
 
 
-def test_16_bit_modes_use_the_polynomial_sine():
-    """fp16 / bf16 run the range-reduced polynomial sine (NaN past |w0 u| = 4e5, where
-    their operands have long lost the phase); the float32 modes keep sinf."""
+def test_each_mode_runs_its_sine(monkeypatch):
+    """fp16 / bf16 run the hardware sine after the range reduction; the float32 modes keep
+    libdevice's sinf, or the polynomial with fast_sine=True."""
+    calls = _recorded_launches(monkeypatch)
+    x = torch.rand(9, 2, device=DEVICE)
+    weights = [torch.randn(16, 2, device=DEVICE), torch.randn(3, 16, device=DEVICE)]
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        for precision in ("fp16", "bf16", "ieee", "tf32x3", "tf32"):
+            fused_mlp(x, weights, precision=precision)
+        fused_mlp(x, weights, precision="tf32x3", fast_sine=True)
+        fused_mlp(x, weights, precision="bf16", fast_sine=True)
+    kinds = [c["SINE_KIND"] for c in calls]
+    mufu, poly, libdevice = KM.MUFU_SINE.value, KM.POLYNOMIAL_SINE.value, KM.LIBDEVICE_SINE.value
+    assert kinds == [mufu, mufu, libdevice, libdevice, libdevice, poly, mufu]
+
+
+def test_16_bit_modes_sine_is_nan_past_the_range_reduction():
+    """The 16-bit modes' sine: NaN past |w0 u| = 4e5 (where 16-bit operands have long
+    lost the phase), a close sine inside; the float32 modes keep sinf there."""
     x = torch.tensor([[0.3], [500.0]], device=DEVICE)
     eye = torch.ones(1, 1, device=DEVICE)
     with nfd_fast.use_backend("triton"), torch.no_grad():
@@ -173,3 +192,75 @@ def test_16_bit_modes_use_the_polynomial_sine():
         for precision in ("ieee", "tf32x3", "tf32"):
             y = fused_mlp(x, [eye, eye], activation="sine", w0=1000.0, precision=precision)
             assert abs(y[1].item() - math.sin(5e5)) < 1e-2
+
+
+def test_mufu_sine_emulation_sits_at_its_error_bound():
+    """mufu_sine: the kernels' reduction, then the sine off by MUFU_SINE_ERROR (both
+    signs occur); NaN past the reduction's bound and for NaN or Inf."""
+    from nfd_fast.ops.fused_mlp import MUFU_SINE_ERROR, mufu_sine
+
+    t = torch.linspace(-1e3, 1e3, 100_003)
+    err = mufu_sine(t).double() - torch.sin(t.double())
+    # the reduced argument carries float32 rounding of t (|t| 2^-24) on top of the bound
+    assert (err.abs() - MUFU_SINE_ERROR).abs().max().item() < 1e3 * 2**-23
+    assert (err > 0).any() and (err < 0).any()
+    special = mufu_sine(torch.tensor([3.9e5, 4.1e5, -1e9, math.nan, math.inf, -math.inf]))
+    assert torch.isfinite(special[0]) and torch.isnan(special[1:]).all()
+
+
+def test_emulated_16_bit_modes_include_the_hardware_sine_error():
+    """The emulated 16-bit modes apply mufu_sine (a SIREN's output moves by about the
+    sine's error, far below the operand rounding); the float32 modes keep torch.sin."""
+    from nfd_fast.ops.fused_mlp import fused_mlp_emulated
+
+    ops = sys.modules["nfd_fast.ops.fused_mlp"]  # (nfd_fast.ops.fused_mlp is the function)
+    torch.manual_seed(1)
+    siren = nfd_fast.nn.Siren(2, 32, 1, 1)
+    x = torch.rand(50, 2) * 2 - 1
+    args = siren.fused_mlp_arguments()
+    exact = fused_mlp_emulated(x, **{**args, "precision": "ieee"})
+    used = []
+    real = ops.mufu_sine
+
+    def spy(t):
+        used.append(True)
+        return real(t)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ops, "mufu_sine", spy)
+        fused_mlp_emulated(x, **{**args, "precision": "ieee"})
+        assert not used
+        y = fused_mlp_emulated(x, **{**args, "precision": "fp16"})
+    assert used and not torch.equal(y, exact)
+
+
+_MUFU_PROBE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from nfd_fast.kernels.fused_mlp import _sin, MUFU_SINE, POLYNOMIAL_SINE
+from nfd_fast.kernel_report.sass import disassemble
+
+@triton.jit
+def probe(x_ptr, y_ptr, KIND: tl.constexpr):
+    i = tl.arange(0, 128)
+    tl.store(y_ptr + i, _sin(tl.load(x_ptr + i), KIND))
+
+for kind in (MUFU_SINE, POLYNOMIAL_SINE):
+    src = triton.compiler.ASTSource(probe, {"x_ptr": "*fp32", "y_ptr": "*fp32", "KIND": "constexpr"},
+                                    {"KIND": kind.value})
+    sass, _ = disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
+    print(kind.value, sass.count("MUFU.SIN"))
+"""
+
+
+def test_compiled_hardware_sine_is_one_mufu_per_element(tmp_path):
+    """Compiled for sm_90a (no interpreter), MUFU_SINE is sin.approx.f32: one MUFU.SIN per
+    element a thread holds (128 elements over 4 warps: 1), the polynomial none; under the
+    interpreter, which runs no inline assembly, the same reduction feeds libm's sine."""
+    script = tmp_path / "mufu_probe.py"  # Triton reads a kernel's source from its file
+    script.write_text(_MUFU_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = dict(line.split() for line in out.stdout.strip().splitlines())
+    assert counts == {str(KM.MUFU_SINE.value): "1", str(KM.POLYNOMIAL_SINE.value): "0"}

@@ -38,8 +38,10 @@ dtype's mode; float32 ones follow torch.get_float32_matmul_precision() ("highest
 "tf32x3", "high" -> "tf32", "medium" -> "bf16"; see default_precision).
 fused_mlp_emulated measures each mode's error on a CPU (operands rounded as the tensor
 cores round them). ``fast_sine`` replaces libdevice's sinf by a range-reduced polynomial
-(absolute error < 4e-7 at |x| < 1e3; NaN beyond |x| = 4e5); the fp16 and bf16 modes
-always use it (see _polynomial_sine).
+(absolute error < 4e-7 at |x| < 1e3; NaN beyond |x| = 4e5). The fp16 and bf16 modes
+always take the same range reduction followed by the hardware sine, sin.approx.f32
+(absolute error about 2^-21, far below their operand rounding; emulated with its error
+at that bound by mufu_sine; see _sine_kind).
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ from ._device import constant_table, pad_pow2
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
+SIXTEEN_BIT_MODES = ("fp16", "bf16")
 # The fused kernels' width limits; wider layers run through the reference (which has no
 # limits), with the reason given once (see kernel_refusal).
 MAX_IN, MAX_HIDDEN, MAX_OUT = 512, 512, 512
@@ -319,10 +322,11 @@ def _per_layer_tensors(value, count: int, name: str) -> list:
 # ------------------------------------------------------------------------------ reference
 
 
-def apply_activation(u: torch.Tensor, act: LayerActivation) -> torch.Tensor:
-    """act(u) in plain PyTorch: the specification the kernels are tested against."""
+def apply_activation(u: torch.Tensor, act: LayerActivation, sine=torch.sin) -> torch.Tensor:
+    """act(u) in plain PyTorch: the specification the kernels are tested against (`sine`:
+    an emulation of a kernel's sine, see mufu_sine)."""
     if act.kind == "sine":
-        return torch.sin(act.w0 * u)
+        return sine(act.w0 * u)
     if act.kind == "relu":
         return torch.relu(u)
     if act.kind == "leaky_relu":
@@ -357,7 +361,7 @@ def reference_forward(p: MLPInputs) -> torch.Tensor:
     return _forward(p, dtype, lambda l, h, wt: torch.matmul(h, wt))
 
 
-def _forward(p: MLPInputs, dtype, matmul) -> torch.Tensor:
+def _forward(p: MLPInputs, dtype, matmul, sine=torch.sin) -> torch.Tensor:
     """The layers in `dtype`, each linear map's product by matmul(layer, h, W^T)."""
     h = p.x.to(dtype)
     for l, (w, b) in enumerate(zip(p.weights, p.biases)):
@@ -365,13 +369,13 @@ def _forward(p: MLPInputs, dtype, matmul) -> torch.Tensor:
         if b is not None:
             z = z + _per_sample(b, dtype)
         if l == p.num_layers - 1:
-            h = apply_activation(z, p.acts[l])
+            h = apply_activation(z, p.acts[l], sine)
             break
         if p.scale[l] is not None:
             z = z * _per_sample(p.scale[l], dtype)
         if p.shift[l] is not None:
             z = z + _per_sample(p.shift[l], dtype)
-        h = apply_activation(z, p.acts[l])
+        h = apply_activation(z, p.acts[l], sine)
         if p.mult[l] is not None:
             h = h * _per_sample(p.mult[l], dtype)
     return h.to(p.x.dtype)
@@ -409,10 +413,35 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.T
 
 def emulated_reference_forward(p: MLPInputs) -> torch.Tensor:
     """The reference in float32 with p.precision's tensor-core rounding of the dot operands
-    (the first layer exact in float32, as in the kernels): each mode's error measured on a
-    CPU, where the Triton interpreter computes every dot in float32."""
+    (the first layer exact in float32, as in the kernels) and, in the 16-bit modes, the
+    hardware sine's error (mufu_sine): each mode's error measured on a CPU, where the
+    Triton interpreter computes every dot in float32."""
+    sine = mufu_sine if p.precision in SIXTEEN_BIT_MODES else torch.sin
     return _forward(p, torch.float32, lambda l, h, wt: torch.matmul(h, wt) if l == 0
-                    else emulated_matmul(h, wt, p.precision))
+                    else emulated_matmul(h, wt, p.precision), sine)
+
+
+# The kernels' range reduction (kernels/fused_mlp.py): 2 pi split in two (Cody-Waite), so
+# k * hi is exact for |k| < 2^16; past SINE_REDUCTION_BOUND the fast sines give NaN.
+_INV_2PI, _TWO_PI_HI, _TWO_PI_LO = 0.15915494309189535, 6.28125, 0.0019353071795864769
+SINE_REDUCTION_BOUND = 4.0e5
+# sin.approx.f32 on the reduced argument: the PTX ISA bounds its absolute error by about
+# 2^-21; the emulation adds 2^-20.5, above that bound, at every point.
+MUFU_SINE_ERROR = 2.0 ** -20.5
+
+
+def mufu_sine(t: torch.Tensor) -> torch.Tensor:
+    """sin(t) as the 16-bit modes' kernels compute it, emulated in float32: the kernels'
+    range reduction to [-pi, pi], the sine of the reduced argument r, and the hardware
+    sine's error at (above) its documented bound, MUFU_SINE_ERROR, with a sign that flips
+    every 2^-12 of r: a deterministic stand-in for an error the PTX ISA bounds but does not
+    specify. NaN past |t| = SINE_REDUCTION_BOUND, as the kernels."""
+    t = t.float()
+    k = torch.floor(t * _INV_2PI + 0.5)
+    r = (t - k * _TWO_PI_HI) - k * _TWO_PI_LO
+    sign = 1.0 - 2.0 * torch.remainder(torch.floor(r * 4096.0), 2.0)
+    s = torch.sin(r) + MUFU_SINE_ERROR * sign
+    return torch.where(t.abs() <= SINE_REDUCTION_BOUND, s, torch.full_like(s, math.nan))
 
 
 def activation_derivative(u: torch.Tensor, act: LayerActivation) -> torch.Tensor:
@@ -675,13 +704,18 @@ def _act_field(kinds: tuple) -> int:
     return sum(ACTIVATIONS.index(kind) * base ** l for l, kind in enumerate(kinds))
 
 
-def _polynomial_sine(p: MLPInputs) -> bool:
-    """The kernels' sine: the range-reduced polynomial (absolute error < 4e-7, about 2.5x
-    fewer instructions than libdevice's sinf) when asked for, and always in the 16-bit
-    modes, whose operand rounding is far coarser than its error; libdevice's sinf
-    otherwise. Past |w0 u| = 4e5 the polynomial gives NaN (its range reduction would lose
-    the argument), where 16-bit operands have long lost the phase anyway."""
-    return p.fast_sine or p.precision in ("fp16", "bf16")
+def _sine_kind(p: MLPInputs) -> int:
+    """The kernels' sine (a code of kernels/fused_mlp.py). The 16-bit modes, whose operand
+    rounding (2^-9, 2^-12 relative) is far coarser than either fast sine's error, take
+    the hardware sine, sin.approx.f32, after an exact range reduction (see mufu_sine);
+    fast_sine=True in the float32 modes takes the range-reduced polynomial (absolute
+    error < 4e-7, about 2.5x fewer instructions than libdevice's sinf); libdevice's sinf
+    otherwise. Past |w0 u| = 4e5 both fast sines give NaN (their range reduction would
+    lose the argument), where 16-bit operands have long lost the phase anyway."""
+    K = _kernels()
+    if p.precision in SIXTEEN_BIT_MODES:
+        return K.MUFU_SINE.value
+    return (K.POLYNOMIAL_SINE if p.fast_sine else K.LIBDEVICE_SINE).value
 
 
 @functools.lru_cache(maxsize=256)
@@ -722,7 +756,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
         _stride0(packed.scale),
         _stride0(packed.shift), _stride0(packed.mult),
         NUM_LAYERS=L, D=g.d, IN_PAD=g.in_pad, HID_PAD=g.hid_pad, OUT_PAD=g.out_pad,
-        ACTS=_hidden_act_codes(p), FINAL_ACT=final_act, FAST_SINE=_polynomial_sine(p),
+        ACTS=_hidden_act_codes(p), FINAL_ACT=final_act, SINE_KIND=_sine_kind(p),
         DOT_KIND=dot_kind, PRECISION=prec, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
         BLOCK_OUT=g.block_out, num_warps=g.num_warps, num_stages=g.num_stages,
         GRID_DIMS=IN if coord_grid else 0, GRID_AXES=axes,
@@ -765,7 +799,7 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
         _stride0(packed.scale), _stride0(packed.shift), _stride0(packed.mult),
         K=dz.shape[1], ROW=g.d if hidden else g.in_pad, HID_PAD=g.hid_pad,
         ACT=ACTIVATIONS.index(p.acts[layer].kind) if hidden else 0, HIDDEN=hidden,
-        FAST_SINE=_polynomial_sine(p), DOT_KIND=dot_kind, PRECISION=prec,
+        SINE_KIND=_sine_kind(p), DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
         WIDTH=_padded_widths((p.widths()[layer + 1],), g.hid_pad) if hidden else 0,
     )
