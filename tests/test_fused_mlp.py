@@ -309,6 +309,25 @@ def test_reference_gelu_limits_and_derivatives():
         assert d1[:2].tolist() == [1.0, 0.0] and d2[:2].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_16_bit_weight_gradient_is_a_float32_accumulated_bmm(precision):
+    """dW of the 16-bit modes: one bmm of 16-bit operands with float32 output, the call a
+    GPU makes (cuBLAS, float32 accumulation); on a CPU it is the float32 sum of the exact
+    16-bit products, not a 16-bit result."""
+    import sys
+
+    ops = sys.modules["nfd_fast.ops.fused_mlp"]
+    g = torch.Generator().manual_seed(4)
+    dz_t, h = torch.randn(2, 24, 301, generator=g), torch.randn(2, 301, 40, generator=g)
+    dw = ops._weight_grad(dz_t, h, precision)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert dw.dtype == torch.float32
+    torch.testing.assert_close(dw, dz_t.to(dtype).float() @ h.to(dtype).float(), rtol=1e-6, atol=1e-5)
+    assert not torch.equal(dw, dw.to(dtype).float())  # float32, not 16-bit, precision
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        torch.bmm(dz_t.to(dtype), h.to(dtype), out_dtype=torch.float64)
+
+
 def test_unbatched_matches_batch_of_one():
     p = make_problem((3, 48, 2), n=31)
     with nfd_fast.use_backend("triton"):
