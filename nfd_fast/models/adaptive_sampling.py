@@ -20,7 +20,7 @@ queries need a spacing finer than the detail everywhere.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,18 +31,19 @@ from .score_field import ScoreField
 APPROACH = 7
 
 
-def bump_signals(n: int, length: int, generator=None) -> torch.Tensor:
-    """Smooth background a sin(pi f x + phi) (f in [0.5, 1.5]) plus one narrow Gaussian
-    bump b exp(-(x - c)^2 / (2 w^2)) (w in [0.03, 0.07], |b| in [0.6, 1.2], c in
+def bump_signals(n: int, length: int, generator=None, widths: Tuple[float, float] = (0.03, 0.07),
+                 background: Tuple[float, float] = (0.2, 0.6)) -> torch.Tensor:
+    """Smooth background a sin(pi f x + phi) (a in `background`, f in [0.5, 1.5]) plus one
+    narrow Gaussian bump b exp(-(x - c)^2 / (2 w^2)) (w in `widths`, |b| in [0.6, 1.2], c in
     [-0.8, 0.8]) on linspace(-1, 1, length): [n, length]."""
     x = signal_grid(length).squeeze(-1)
 
     def u(lo, hi):
         return lo + (hi - lo) * torch.rand(n, 1, generator=generator)
 
-    background = u(0.2, 0.6) * torch.sin(math.pi * u(0.5, 1.5) * x + u(0, 2 * math.pi))
+    background = u(*background) * torch.sin(math.pi * u(0.5, 1.5) * x + u(0, 2 * math.pi))
     sign = torch.where(torch.rand(n, 1, generator=generator) < 0.5, -1.0, 1.0)
-    bump = sign * u(0.6, 1.2) * torch.exp(-(x - u(-0.8, 0.8)) ** 2 / (2 * u(0.03, 0.07) ** 2))
+    bump = sign * u(0.6, 1.2) * torch.exp(-(x - u(-0.8, 0.8)) ** 2 / (2 * u(*widths) ** 2))
     return background + bump
 
 
@@ -55,13 +56,17 @@ def evenly_spaced(batch: int, grid: int, count: int, device=None) -> torch.Tenso
     return mask
 
 
+BASELINES = ("evenly spaced", "random")
+
+
 class AdaptiveField(FieldModel):
     """Approach 7: a ScoreField prior (keyword sizes as ScoreField's) and the query loop.
 
     Args:
         draws: K, conditioned samples per round. per_round: queries per round.
         spacing: a query suppresses importance within this many grid points.
-        **prior: ScoreField's arguments (grid, channels, width, dilations, timesteps, ...).
+        **prior: ScoreField's arguments (grid, channels, width, dilations, timesteps, ...);
+            max_observed defaults to 0.75 here: the loop conditions on up to most of the grid.
     """
 
     def __init__(self, draws: int = 4, per_round: int = 4, spacing: int = 2, **prior):
@@ -70,6 +75,7 @@ class AdaptiveField(FieldModel):
             raise ValueError(f"draws must be >= 2 (a variance needs two samples), got {draws}")
         if per_round < 1 or spacing < 0:
             raise ValueError(f"per_round must be >= 1 and spacing >= 0, got {per_round}, {spacing}")
+        prior.setdefault("max_observed", 0.75)
         self.prior = ScoreField(**prior)
         self.config = dict(draws=draws, per_round=per_round, spacing=spacing, **self.prior.config)
         self.grid = self.prior.grid
@@ -112,31 +118,53 @@ class AdaptiveField(FieldModel):
             score = score.masked_fill(new, -1.0)
         return new
 
-    def decode(self, states: torch.Tensor, coords) -> torch.Tensor:
-        """The field (mean over the K samples) at any coords: states [K, B, G] -> [B, N]."""
+    def decode(self, states: torch.Tensor, coords, observations=None) -> torch.Tensor:
+        """The field (mean over the K samples' fields) at any coords: states [K, B, G] ->
+        [B, N]. observations: the (values, mask) [B, G] the states were drawn with, so each
+        sample's field goes through the queried values (ScoreField.decode)."""
         K, B, G = states.shape
-        return self.prior.decode(states.reshape(K * B, G), coords).view(K, B, -1).mean(0)
+        if observations is not None:
+            values, mask = self.prior.check_observations(observations, B)
+            observations = (values.repeat(K, 1), mask.repeat(K, 1))
+        return self.prior.decode(states.reshape(K * B, G), coords, observations).view(K, B, -1).mean(0)
 
     def run(self, truth: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tensor, rounds: int,
-            generator=None, uniform: bool = False) -> List[dict]:
-        """The adaptive loop (or, uniform=True, evenly spaced queries of the same counts).
-        truth(mask) -> the true grid values [B, G] (read only where mask is True: each
-        True entry is one field query). initial: the first queries, bool [B, G].
-        Returns per round {'queries': per-row counts [B], 'states': [K, B, G], 'mask'}."""
+            generator=None, uniform: Union[bool, str] = False) -> List[dict]:
+        """The adaptive loop, or a uniform baseline of the same query counts fitted the same
+        way (the same K conditioned samples, the same decode): uniform=True or "evenly
+        spaced" queries (a fresh evenly spaced set each round), or "random" (each round adds
+        `per_round` unqueried entries drawn uniformly). truth(mask) -> the true grid values
+        [B, G] (read only where mask is True: each True entry is one field query). initial:
+        the first queries, bool [B, G]. Returns per round {'queries': per-row counts [B],
+        'states': [K, B, G], 'mask', 'values'}."""
         check_shape(initial, "initial", (None, self.grid), f"[B, {self.grid}]")
+        baseline = "evenly spaced" if uniform is True else (uniform or None)
+        if baseline is not None and baseline not in BASELINES:
+            raise ValueError(f"uniform must be False, True or one of {BASELINES}, got {uniform!r}")
         mask, history = initial.clone(), []
         for r in range(rounds + 1):
             values = torch.where(mask, truth(mask), 0.0)
             states = self.posterior(values, mask, generator)
-            history.append({"queries": mask.sum(1), "states": states, "mask": mask})
+            history.append({"queries": mask.sum(1), "states": states, "mask": mask, "values": values})
             if r == rounds:
                 break
-            if uniform:
+            if baseline == "evenly spaced":
                 count = int(mask.sum(1).max()) + self.config["per_round"]
                 mask = evenly_spaced(mask.shape[0], self.grid, min(count, self.grid), mask.device)
+            elif baseline == "random":
+                mask = random_more(mask, self.config["per_round"], generator)
             else:
                 mask = self.propose(self.importance(states, mask), mask)
         return history
+
+
+def random_more(mask: torch.Tensor, count: int, generator=None) -> torch.Tensor:
+    """mask with `count` more entries per row, drawn uniformly from the unqueried ones."""
+    u = torch.rand(mask.shape, device=mask.device, generator=generator).masked_fill(mask, -1.0)
+    picks = u.topk(min(count, mask.shape[1]), dim=1)
+    new = mask.clone()
+    new.scatter_(1, picks.indices, picks.values >= 0)  # a full row gains nothing
+    return new | mask
 
 
 # ------------------------------------------------------------------------------ demo
@@ -150,53 +178,79 @@ def queries_to_reach(errors: Sequence[float], counts: Sequence[int], target: flo
     return None
 
 
+NAMES = ("adaptive",) + BASELINES
+
+
+def query_curves(model: AdaptiveField, signals: torch.Tensor, start: int, rounds: int,
+                 seed: int = 0) -> dict:
+    """Recover signals [B, R] (R = 2G - 1: the grid is every other point) by adaptive
+    queries and by both uniform baselines, each from the same `start` evenly spaced
+    queries, `per_round` more per round, the field fitted the same way (the mean of the
+    K conditioned samples' fields, seeded alike). Returns {name: {'counts': mean queries
+    per round, 'errors': the field's MSE at all R points per round, 'history': run's}}."""
+    R = signals.shape[1]
+    grid_truth = signals[:, ::(R - 1) // (model.grid - 1)]
+    initial = evenly_spaced(signals.shape[0], model.grid, start, signals.device)
+    curves = {}
+    for name in NAMES:
+        gen = torch.Generator(signals.device).manual_seed(seed)
+        history = model.run(lambda mask: grid_truth, initial, rounds, gen,
+                            uniform=False if name == "adaptive" else name)
+        with torch.no_grad():
+            errors = [float(((model.decode(h["states"], R, (h["values"], h["mask"])) - signals) ** 2).mean())
+                      for h in history]
+        curves[name] = {"counts": [int(h["queries"].float().mean()) for h in history],
+                        "errors": errors, "history": history}
+    return curves
+
+
 def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -> str:
     """Train the prior on bump signals, then recover held-out ones by adaptive queries and
-    by evenly spaced queries (both from 4 evenly spaced starting queries, 4 more per
-    round). Metric: the field's MSE at 127 points per query count, and the queries each
-    needs to reach the error target (the evenly spaced run's error at its last budget,
-    or the given one)."""
-    n_train, n_held, steps, rounds, draws = (400, 3, 40, 2, 3) if quick else (3000, 12, 800, 9, 6)
+    by evenly spaced and random uniform queries (all from 8 evenly spaced starting
+    queries, 4 more per round, the field fitted alike: see query_curves). Metric: the
+    field's MSE at 127 points per query count, and the queries each needs to reach the
+    same error targets (MSE 0.0025 and 0.001)."""
+    n_train, n_held, steps, rounds, draws = (400, 3, 40, 2, 3) if quick else (3000, 16, 2000, 8, 8)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = AdaptiveField(draws=draws).to(device)
+    model = AdaptiveField(draws=draws, per_round=4, spacing=1).to(device)
     R = model.prior.fine_resolution(2)
     signals = bump_signals(n_train + n_held, R, generator=g).to(device)
     train, held = signals[:n_train], signals[n_train:]
     history = train_loop(model.parameters(), model.loss,
                          lambda step: train[torch.randint(0, n_train, (32,), generator=g).to(device)],
                          steps, lr=2e-3, progress=not quick, desc="train approach 7")
-    grid_truth = held[:, ::2]
-    start = evenly_spaced(n_held, model.grid, 4, device)
-    runs = {}
-    for name in ("adaptive", "uniform"):
-        gen = torch.Generator(device).manual_seed(seed)
-        runs[name] = model.run(lambda m: grid_truth, start, rounds, gen, uniform=name == "uniform")
+    curves = query_curves(model, held, 8, rounds, seed)
     with torch.no_grad():
-        curves = {name: ([int(h["queries"].float().mean()) for h in hist],
-                         [float(((model.decode(h["states"], R) - held) ** 2).mean()) for h in hist])
-                  for name, hist in runs.items()}
-        _plot(out, held[:3].cpu(), runs, model, R, curves)
-    target = curves["uniform"][1][-1]
-    need = {name: queries_to_reach(errs, counts, target) for name, (counts, errs) in curves.items()}
-    fmt = lambda name: " ".join(f"{c}:{e:.4f}" for c, e in zip(*curves[name]))  # noqa: E731
+        _plot(out, held[:3].cpu(), curves, model, R)
+    fmt = lambda name: " ".join(f"{c}:{e:.4f}" for c, e in zip(curves[name]["counts"], curves[name]["errors"]))  # noqa: E731
+
+    def need(target):
+        counts = {name: queries_to_reach(c["errors"], c["counts"], target) for name, c in curves.items()}
+        shown = {name: "more than " + str(curves[name]["counts"][-1]) if n is None else str(n)
+                 for name, n in counts.items()}
+        return (f"to reach MSE {target}: adaptive {shown['adaptive']} queries, evenly spaced "
+                f"{shown['evenly spaced']}, random {shown['random']}")
+
     return (f"approach 7: field MSE by query count, adaptive {fmt('adaptive')} | evenly spaced "
-            f"{fmt('uniform')}; to reach MSE {target:.4f}: adaptive {need['adaptive']} queries, "
-            f"evenly spaced {need['uniform']} (of {model.grid} grid points); DSM loss "
-            f"{history['loss'][0]:.3f} -> {sum(history['loss'][-20:]) / len(history['loss'][-20:]):.3f}")
+            f"{fmt('evenly spaced')} | random {fmt('random')}; {need(0.0025)}; {need(0.001)} "
+            f"(of {model.grid} grid points); DSM loss {history['loss'][0]:.3f} -> "
+            f"{sum(history['loss'][-20:]) / len(history['loss'][-20:]):.3f}")
 
 
-def _plot(out, held, runs, model, R, curves) -> str:
+def _plot(out, held, curves, model, R) -> str:
     x = signal_grid(R).squeeze(-1)
     xg = signal_grid(model.grid).squeeze(-1)
+    colors = {"adaptive": "C0", "evenly spaced": "C2", "random": "C3"}
 
     def panel(name, i):
-        last = runs[name][-1]
-        field = model.decode(last["states"][:, i:i + 1], R)[0].cpu()
+        last = curves[name]["history"][-1]
+        observations = (last["values"][i:i + 1], last["mask"][i:i + 1])
+        field = model.decode(last["states"][:, i:i + 1], R, observations)[0].cpu()
 
         def draw(ax):
             ax.plot(x, held[i], color="0.7", label="true signal")
-            ax.plot(x, field, color="C0" if name == "adaptive" else "C2", label=f"field ({name})")
+            ax.plot(x, field, color=colors[name], label=f"field ({name})")
             m = last["mask"][i].cpu()
             ax.plot(xg[m], held[i, ::2][m], "k|", ms=8, label="queries")
             ax.set_ylim(-2, 2)
@@ -205,17 +259,17 @@ def _plot(out, held, runs, model, R, curves) -> str:
         return draw
 
     def errors(ax):
-        for name, color in (("adaptive", "C0"), ("uniform", "C2")):
-            ax.semilogy(*curves[name], "o-", color=color, label=name)
-        ax.set_xticks(curves["uniform"][0])
+        for name, color in colors.items():
+            ax.semilogy(curves[name]["counts"], curves[name]["errors"], "o-", color=color, label=name)
+        ax.set_xticks(curves["adaptive"]["counts"])
         ax.tick_params(labelsize=6)
         ax.set_xlabel("queries", fontsize=7)
         ax.set_ylabel("field MSE", fontsize=7)
         ax.legend(fontsize=6)
 
-    rows = [(name, [(f"signal {i}", panel(name, i)) for i in range(len(held))]) for name in ("adaptive", "uniform")]
+    rows = [(name, [(f"signal {i}", panel(name, i)) for i in range(len(held))]) for name in ("adaptive", "evenly spaced")]
     rows.append(("error", [("MSE vs queries", errors)]))
-    return plot_rows(out, rows, title="approach 7: adaptive vs evenly spaced queries", cell=3.0)
+    return plot_rows(out, rows, title="approach 7: adaptive vs uniform queries", cell=3.0)
 
 
 def benchmark_calls(device, quick: bool) -> dict:
