@@ -115,17 +115,26 @@ def _tap(k: tl.constexpr, tx, ty, tz, x0, y0, z0, sx, sy, sz, NDIM: tl.constexpr
 
 
 @triton.jit
-def _tap_pointer(table_ptr, p, b, cx, cy, cz, ch, DTYPE: tl.constexpr):
+def _tap_pointer(table_ptr, p, b, cx, cy, cz, ch, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    """Pointers [BLOCK_N, BLOCK_C] of the taps' channels (at stride 1). The host checked
+    that the table's addresses and strides are multiples of VEC elements: with VEC = 4
+    the hints below let a tap's channels load (and add) 4 at a time."""
     row = table_ptr + p * TABLE_COLS
-    base = tl.load(row).to(tl.pointer_type(DTYPE))
-    off = b * tl.load(row + 4) + cx * tl.load(row + 5) + cy * tl.load(row + 6) + cz * tl.load(row + 7)
-    return base + off[:, None] + ch[None, :]  # channels at stride 1
+    base = tl.multiple_of(tl.load(row).to(tl.pointer_type(DTYPE)), VEC * (DTYPE.primitive_bitwidth // 8))
+    off = b * _stride(row, 4, VEC) + cx * _stride(row, 5, VEC) + cy * _stride(row, 6, VEC) + \
+        cz * _stride(row, 7, VEC)
+    return base + off[:, None] + ch[None, :]
+
+
+@triton.jit
+def _stride(row, k: tl.constexpr, VEC: tl.constexpr):
+    return tl.multiple_of(tl.load(row + k), VEC)
 
 
 @triton.jit
 def _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
                   META: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
-                  DTYPE: tl.constexpr, NEED_DCOORD: tl.constexpr):
+                  DTYPE: tl.constexpr, VEC: tl.constexpr, NEED_DCOORD: tl.constexpr):
     """v [BLOCK_N, BLOCK_C] of factor p, and (if NEED_DCOORD) dv/dg per axis."""
     NDIM: tl.constexpr = META & 3
     tx, ty, tz, x0, y0, z0, sx, sy, sz, dsx, dsy, dsz = _factor_geometry(
@@ -137,7 +146,7 @@ def _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
     for k in tl.static_range(1 << NDIM):  # a line (NDIM 1) has 2 taps
         w, dwx, dwy, dwz, cx, cy, cz, inside = _tap(k, tx, ty, tz, x0, y0, z0, sx, sy, sz, NDIM)
         ok = (inside & row_ok)[:, None] & ch_ok[None, :]
-        f = tl.load(_tap_pointer(table_ptr, p, b, cx, cy, cz, ch, DTYPE), mask=ok, other=0.0)
+        f = tl.load(_tap_pointer(table_ptr, p, b, cx, cy, cz, ch, DTYPE, VEC), mask=ok, other=0.0)
         f = f.to(tl.float32)
         v += w[:, None] * f
         if NEED_DCOORD:
@@ -163,7 +172,7 @@ def _program_tile(N, C, point_tiles, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexp
 def grid_lookup_fwd_kernel(
     coords_ptr, table_ptr, out_ptr, N, F, C, col0, point_tiles, D: tl.constexpr,
     P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
-    ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out[b, n, col0 + ...] = combine over the P factors of this scale, for the points
@@ -176,7 +185,7 @@ def grid_lookup_fwd_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for p in tl.static_range(P):
         v, _, _, _ = _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
-                                   (FACTORS >> (8 * p)) & 255, ALIGN, BORDER, DTYPE, False)
+                                   (FACTORS >> (8 * p)) & 255, ALIGN, BORDER, DTYPE, VEC, False)
         if COMBINE == CONCAT:
             tl.store(out_ptr + prow[:, None] * F + (col0 + p * C + ch)[None, :],
                      v.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -195,7 +204,7 @@ def grid_lookup_fwd_kernel(
 def grid_lookup_bwd_kernel(
     coords_ptr, table_ptr, grad_table_ptr, grad_out_ptr, dcoords_ptr, N, F, C, col0,
     point_tiles, D: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
-    ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Gradients of one scale: fields by atomic adds into float32 buffers (grad_table
@@ -222,7 +231,7 @@ def grid_lookup_bwd_kernel(
         gcx, gcy, gcz, gcw = _factor_backward(
             table_ptr, grad_table_ptr, grad_out_ptr, coords_ptr, p, b, prow, D, F, C, col0,
             ch, ch_ok, row_ok, mask2, go, gcx, gcy, gcz, gcw, P, FACTORS,
-            (FACTORS >> (8 * p)) & 255, COMBINE, ALIGN, BORDER, DTYPE,
+            (FACTORS >> (8 * p)) & 255, COMBINE, ALIGN, BORDER, DTYPE, VEC,
             grad_table_ptr is not None, dcoords_ptr is not None)
     if dcoords_ptr is not None:
         # one (scale, channel block) program per point adds in turn: atomics keep the
@@ -242,7 +251,8 @@ def _factor_backward(table_ptr, grad_table_ptr, grad_out_ptr, coords_ptr, p, b, 
                      col0, ch, ch_ok, row_ok, mask2, go, gcx, gcy, gcz, gcw,
                      P: tl.constexpr, FACTORS: tl.constexpr, META: tl.constexpr,
                      COMBINE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
-                     DTYPE: tl.constexpr, NEED_FIELDS: tl.constexpr, NEED_COORDS: tl.constexpr):
+                     DTYPE: tl.constexpr, VEC: tl.constexpr, NEED_FIELDS: tl.constexpr,
+                     NEED_COORDS: tl.constexpr):
     """Factor p's share of the backward: its field gradient, and its coordinate gradient
     added to the per-axis accumulators (returned)."""
     if COMBINE == CONCAT:
@@ -254,16 +264,16 @@ def _factor_backward(table_ptr, grad_table_ptr, grad_out_ptr, coords_ptr, p, b, 
             if q != p:
                 vq, _, _, _ = _factor_value(table_ptr, q, b, coords_ptr, prow, D, ch, ch_ok,
                                             row_ok, (FACTORS >> (8 * q)) & 255, ALIGN, BORDER,
-                                            DTYPE, False)
+                                            DTYPE, VEC, False)
                 g = g * vq
     else:
         g = go
     if NEED_FIELDS:
         _scatter_field_grad(table_ptr, grad_table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok,
-                            row_ok, g, META, ALIGN, BORDER)
+                            row_ok, g, META, ALIGN, BORDER, VEC)
     if NEED_COORDS:
         _, vx, vy, vz = _factor_value(table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
-                                      META, ALIGN, BORDER, DTYPE, True)
+                                      META, ALIGN, BORDER, DTYPE, VEC, True)
         # dL/dg_axis = sum_c g * dv/dg_axis, routed to the factor's coordinate axes
         gcx, gcy, gcz, gcw = _route(gcx, gcy, gcz, gcw, tl.sum(g * vx, 1), (META >> 2) & 3)
         if (META & 3) >= 2:
@@ -288,7 +298,8 @@ def _route(gx, gy, gz, gw, s, AXIS: tl.constexpr):
 
 @triton.jit
 def _scatter_field_grad(table_ptr, grad_table_ptr, p, b, coords_ptr, prow, D, ch, ch_ok, row_ok,
-                        g, META: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr):
+                        g, META: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
+                        VEC: tl.constexpr):
     """d field[corner, c] += w_corner * g[n, c] for every tap (float32 atomics)."""
     NDIM: tl.constexpr = META & 3
     tx, ty, tz, x0, y0, z0, sx, sy, sz, _, _, _ = _factor_geometry(
@@ -296,5 +307,5 @@ def _scatter_field_grad(table_ptr, grad_table_ptr, p, b, coords_ptr, prow, D, ch
     for k in tl.static_range(1 << NDIM):  # a line (NDIM 1) has 2 taps
         w, _, _, _, cx, cy, cz, inside = _tap(k, tx, ty, tz, x0, y0, z0, sx, sy, sz, NDIM)
         ok = (inside & row_ok)[:, None] & ch_ok[None, :]
-        ptrs = _tap_pointer(grad_table_ptr, p, b, cx, cy, cz, ch, tl.float32)
+        ptrs = _tap_pointer(grad_table_ptr, p, b, cx, cy, cz, ch, tl.float32, VEC)
         tl.atomic_add(ptrs, w[:, None] * g, mask=ok, sem="relaxed")

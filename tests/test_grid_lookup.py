@@ -130,6 +130,28 @@ def test_any_field_layout_reads_right_and_gets_its_gradient_in_its_own_layout(co
     assert grads[2].stride()[1] == 1  # channels-last stays channels-last
 
 
+def test_vector_hint_only_where_every_address_and_stride_allows_it():
+    """The kernels load 4 channels at a time only on the host's word: a wrong hint reads
+    the wrong memory on a GPU (the interpreter ignores hints), so the decision is tested."""
+    import sys
+
+    ops = sys.modules["nfd_fast.ops.grid_lookup"]
+
+    def width(field):
+        return ops._vector_width(ops._rows([field], [(0, 1)], field.shape[0]), 4)
+
+    last = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    assert width(last) == 4
+    assert width(last[:, :6]) == 4  # 6 of 8 channels: rows still 4-aligned (masked tail)
+    assert width(last[:, 1:]) == 1  # address one float off
+    assert width(torch.randn(2, 6, 5, 6).contiguous(memory_format=torch.channels_last)) == 1
+    assert width(last[:, :, :, ::3]) == 4 and width(last[:, :, 1:]) == 4
+    unaligned = torch.randn(2 * 8 * 5 * 6 + 2)[2:].view(2, 5, 6, 8).permute(0, 3, 1, 2)
+    assert width(unaligned) == 1  # 8 bytes off a 16-byte boundary
+    shared = torch.randn(8, 4, 4).movedim(0, -1).contiguous().movedim(-1, 0)
+    assert ops._vector_width(ops._rows([shared], [(0, 1)], 3), 4) == 4
+
+
 def test_ddmi_image_convention_pixel_centres():
     """DDMI images: pixel centres linspace(-(N-1)/N, (N-1)/N), align_corners False: a
     field at the image resolution reads back its own pixels exactly."""

@@ -204,11 +204,11 @@ class _Spec:
             col += self.width(s)
         return cols, col
 
-    def kernel_options(self, dtype) -> dict:
+    def kernel_options(self, dtype, vec: int) -> dict:
         return dict(P=len(self.planes), FACTORS=self.factors,
                     COMBINE=COMBINES.index(self.combine), ALIGN=self.align_corners,
                     BORDER=self.padding_mode == "border", DTYPE=_kernel_dtype(dtype),
-                    num_warps=NUM_WARPS)
+                    VEC=vec, num_warps=NUM_WARPS)
 
 
 def _channels_at_stride_one(field: torch.Tensor, rank: int) -> torch.Tensor:
@@ -225,9 +225,9 @@ def _kernel_layout(flat, planes) -> list:
     return [_channels_at_stride_one(f, 1 + len(planes[i % P])) for i, f in enumerate(flat)]
 
 
-def _table(tensors, planes, batch: int) -> torch.Tensor:
+def _rows(tensors, planes, batch: int) -> tuple:
     """Rows [address, size_x, size_y, size_z, stride_b, stride_x, stride_y, stride_z] of
-    fields whose channels lie at stride 1 (_channels_at_stride_one)."""
+    fields whose channels lie at stride 1 (_channels_at_stride_one): the kernels' table."""
     rows = []
     for t, axes in zip(tensors, planes):
         rank = 1 + len(axes)
@@ -239,7 +239,24 @@ def _table(tensors, planes, batch: int) -> torch.Tensor:
         sizes = spatial[::-1] + [1] * (3 - len(axes))
         strides = sp_strides[::-1] + [0] * (3 - len(axes))
         rows.append((t.data_ptr(), *sizes, sb, *strides))
-    return constant_table(tuple(rows), torch.int64, tensors[0].device)
+    return tuple(rows)
+
+
+def _table(rows: tuple, device) -> torch.Tensor:
+    return constant_table(rows, torch.int64, device)
+
+
+# channels loaded (and gradients added) VEC at a time where every table allows it: 128-bit
+# accesses for float32
+VECTOR = 4
+
+
+def _vector_width(rows: tuple, element_size: int) -> int:
+    """VECTOR if every row's address and strides are multiples of VECTOR elements (the
+    kernels' alignment hint: their channels lie at stride 1), else 1."""
+    aligned = all(r[0] % (VECTOR * element_size) == 0 and all(st % VECTOR == 0 for st in r[4:])
+                  for r in rows)
+    return VECTOR if aligned else 1
 
 
 def _kernel_dtype(dtype):
@@ -277,9 +294,11 @@ def kernel_forward(spec: _Spec, coords: torch.Tensor, flat) -> torch.Tensor:
     for s in range(spec.num_scales):
         scale = flat[s * P:(s + 1) * P]
         grid, tiles, block_n, block_c = _launch_grid(coords, spec.channels[s])
+        rows = _rows(scale, spec.planes, B)
         K.grid_lookup_fwd_kernel[grid](
-            coords, _table(scale, spec.planes, B), out, N, width, spec.channels[s], cols[s],
-            tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c, **spec.kernel_options(flat[0].dtype))
+            coords, _table(rows, coords.device), out, N, width, spec.channels[s], cols[s],
+            tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c,
+            **spec.kernel_options(out.dtype, _vector_width(rows, out.element_size())))
     return out
 
 
@@ -300,16 +319,21 @@ def kernel_backward(spec: _Spec, grad_out, coords, fields, needs) -> list:
     # the table's sizes and strides are all the kernel reads, and no copy is made
     reads_values = needs[0] or spec.combine == "product"
     flat = _kernel_layout(fields, spec.planes) if reads_values else fields
+    dtype = fields[0].dtype
     dfields = [_channels_last_zeros(f, 1 + len(spec.planes[i % P]))
                for i, f in enumerate(fields)] if need_fields else None
     for s in range(spec.num_scales):
-        scale = flat[s * P:(s + 1) * P]
-        grad_table = _table(dfields[s * P:(s + 1) * P], spec.planes, B) if need_fields else None
+        rows = _rows(flat[s * P:(s + 1) * P], spec.planes, B)
+        grad_rows = _rows(dfields[s * P:(s + 1) * P], spec.planes, B) if need_fields else ()
+        # the vector hint covers every table the kernel dereferences
+        vec = min(_vector_width(rows, dtype.itemsize) if reads_values else VECTOR,
+                  _vector_width(grad_rows, 4))
         grid, tiles, block_n, block_c = _launch_grid(coords, spec.channels[s])
         K.grid_lookup_bwd_kernel[grid](
-            coords, _table(scale, spec.planes, B), grad_table, grad_out, dcoords, N, width,
-            spec.channels[s], cols[s], tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c,
-            **spec.kernel_options(flat[0].dtype))
+            coords, _table(rows, coords.device),
+            _table(grad_rows, coords.device) if need_fields else None, grad_out, dcoords, N,
+            width, spec.channels[s], cols[s], tiles, D=D, BLOCK_N=block_n, BLOCK_C=block_c,
+            **spec.kernel_options(dtype, vec))
     grads = [dcoords.view(B, N, D).to(coords.dtype) if needs[0] else None]
     grads += [_in_layout_of(f, g) if need else None for g, f, need in
               zip(dfields or [None] * len(fields), fields, needs[1:])]
