@@ -12,7 +12,8 @@ Per point, blocks k = 0 .. K-1 of L linear layers each (see nfd_fast.nn.cfc for 
 
 Memory layout (prepared by nfd_fast.ops.cfc):
     coords [B, N, DIM]; fields: grid_lookup's factor table (kernels/grid_lookup.py), one row
-    per (scale, plane), scale-major; channels [S] int32, each scale's channel count.
+    per (scale, plane), scale-major, channels at stride 1 (VEC: loaded VEC at a time);
+    channels [S] int32, each scale's channel count.
     w   [Bw, K * BLOCK_W + OUT_PAD * H] in the dot dtype: per block, zero-padded [out, in]
         matrices W_h [H, H], W_f [H, FP], W_1 .. W_{L-1} [H, H], S_h [H, H], S_f [H, FP]
         (layer l >= 1 at H^2 + H FP + (l - 1) H^2 = H FP + l H^2, the skip after them)
@@ -31,9 +32,11 @@ tile (256 KB at H = 256) does not fit in shared memory, so (as in kernels/fused_
 layers run in pairs: layer a's output units BLOCK_N at a time from the full-width input,
 activated and multiplied at once into layer b's full-width accumulator. A layer whose
 full-width output is needed without a partner (the last of an odd L, the skip of an even
-L) places its BLOCK_N-column chunks into a [BLOCK_M, H / BLOCK_N, BLOCK_N] register
-tensor by a select (BLOCK_M * H operations per chunk, no extra matmul), reshaped to
-[BLOCK_M, H] after the loop.
+L) produces BLOCK_N-column chunks and adds each into the full-width result as a product
+with a 0/1 selection matrix (one more H x H product per block on the tensor cores: a
+register select through a [BLOCK_M, H / BLOCK_N, BLOCK_N] tensor made ptxas put the
+whole kernel in local memory, sm_90a compile reports). A chunk holding Inf turns its row
+NaN there (Inf * 0), where the reference keeps the Inf; NaN stays NaN either way.
 """
 import triton
 import triton.language as tl
@@ -69,7 +72,7 @@ def _feed(z, slope, gain, BLOCK_KIND: tl.constexpr):
 @triton.jit
 def _features(table_ptr, chan_ptr, s, b, coords_ptr, prow, row_ok, DIM: tl.constexpr,
               P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
-              ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr,
+              ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr,
               CP: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr):
     """f [BLOCK_M, FP] of scale s, float32: the planes combined, or for concat placed
     plane-major in [BLOCK_M, PP, CP] and flattened (FP = PP * CP, padded planes zero)."""
@@ -85,7 +88,7 @@ def _features(table_ptr, chan_ptr, s, b, coords_ptr, prow, row_ok, DIM: tl.const
     for p in tl.static_range(P):
         v, _, _, _ = _factor_value(table_ptr, s * P + p, b, coords_ptr, prow, DIM, ch, ch_ok,
                                    row_ok, (FACTORS >> (8 * p)) & 255, ALIGN, BORDER, DTYPE,
-                                   False)
+                                   VEC, False)
         if COMBINE == CONCAT:
             f3 = tl.where((slot == p)[None, :, None], v[:, None, :], f3)
         elif COMBINE == PRODUCT:
@@ -121,9 +124,105 @@ def _split_chunk(xh, xf, wh_ptr, wf_ptr, cols, HAS_H: tl.constexpr, HAS_F: tl.co
 
 
 @triton.jit
-def _place(acc3, chunk, j, BLOCK_N: tl.constexpr, NCH: tl.constexpr):
-    """acc3 [BLOCK_M, NCH, BLOCK_N] with chunk j // BLOCK_N replaced by `chunk`."""
-    return tl.where((tl.arange(0, NCH) == j // BLOCK_N)[None, :, None], chunk[:, None, :], acc3)
+def _place(chunk, cols, full, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """chunk [BLOCK_M, BLOCK_N] spread to the columns `cols` of a [BLOCK_M, H] tensor (zero
+    elsewhere), as a product with the 0/1 selection matrix E[c, n] = (n == cols[c]): on
+    the tensor cores, exact up to the mode's rounding of the chunk."""
+    select = tl.where(full[None, :] == cols[:, None], 1.0, 0.0)
+    return _matmul(chunk, _operand(select, DOT_KIND), DOT_KIND, PRECISION)
+
+
+@triton.jit
+def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_table_ptr, nw_ptr,
+           first_noise, slope, gain, residual_gain,
+           HAS_H: tl.constexpr, SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
+           HAS_NOISE: tl.constexpr, INNER_END: tl.constexpr, LAYERS: tl.constexpr,
+           BLOCK_KIND: tl.constexpr, H: tl.constexpr, FP: tl.constexpr, CP: tl.constexpr,
+           PP: tl.constexpr, DIM: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr,
+           COMBINE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
+           DTYPE: tl.constexpr, VEC: tl.constexpr, NOISE_DTYPE: tl.constexpr, DOT_KIND: tl.constexpr,
+           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One block: h (the residual stream, [BLOCK_M, H] float32) -> the next h. wk / bk:
+    the block's packed matrices and bias vectors; SCALE: the scale read + 1 (0: none);
+    INNER_END: the inner width rounded up to BLOCK_N; first_noise: the index of the
+    block's first layer among the noise inputs."""
+    HAS_F: tl.constexpr = SCALE > 0
+    full = tl.arange(0, H)
+    f = tl.zeros((BLOCK_M, FP), tl.float32)
+    if HAS_F:
+        f = _features(table_ptr, chan_ptr, SCALE - 1, b, coords_ptr, grow, row_ok, DIM, P,
+                      FACTORS, COMBINE, ALIGN, BORDER, DTYPE, VEC, CP, PP, BLOCK_M)
+    # the block input x = [h, f] as the dots read it (operands converted once)
+    if BLOCK_KIND == RESNET_FC:
+        xh = _operand(_relu(h), DOT_KIND)
+        xf = _operand(_relu(f), DOT_KIND)
+    else:
+        xh = _operand(h, DOT_KIND)
+        xf = _operand(f, DOT_KIND)
+    sh = _operand(h, DOT_KIND)  # the skip reads x itself
+    sf = _operand(f, DOT_KIND)
+
+    y = tl.zeros((BLOCK_M, H), tl.float32)
+    for q in tl.static_range(LAYERS // 2):
+        # layers 2q and 2q + 1 (indices inline: they must stay compile-time values)
+        acc = tl.zeros((BLOCK_M, H), tl.float32)
+        for j in range(0, INNER_END, BLOCK_N):
+            cj = j + tl.arange(0, BLOCK_N)
+            if q == 0:
+                z = _split_chunk(xh, xf, wk, wk + H * H, cj, HAS_H, HAS_F, H, FP, BLOCK_M,
+                                 BLOCK_N, DOT_KIND, PRECISION)
+            else:
+                z = _matmul(xh, _load_weight_t(wk + H * FP + 2 * q * H * H, full, cj, H),
+                            DOT_KIND, PRECISION)
+            z += tl.load(bk + 2 * q * H + cj)[None, :]
+            if HAS_NOISE:
+                z += _noise(noise_table_ptr, nw_ptr, first_noise + 2 * q, grow, row_ok,
+                            NOISE_DTYPE)
+            a = _feed(z, slope, gain, BLOCK_KIND)
+            acc += _matmul(a, _load_weight_t(wk + H * FP + (2 * q + 1) * H * H, cj, full, H),
+                           DOT_KIND, PRECISION)
+        acc += tl.load(bk + (2 * q + 1) * H + full)[None, :]
+        if HAS_NOISE:
+            acc += _noise(noise_table_ptr, nw_ptr, first_noise + 2 * q + 1, grow, row_ok,
+                          NOISE_DTYPE)
+        if 2 * q + 1 == LAYERS - 1:
+            if BLOCK_KIND == STYLED:
+                y = _feed(acc, slope, gain, BLOCK_KIND)
+            else:
+                y = acc
+        else:
+            xh = _operand(_feed(acc, slope, gain, BLOCK_KIND), DOT_KIND)
+
+    # the skip (even L) or the last layer with the skip (odd L), chunk by chunk
+    if LAYERS % 2 == 1 or HAS_SKIP:
+        for j in range(0, H, BLOCK_N):
+            cj = j + tl.arange(0, BLOCK_N)
+            r = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            if LAYERS % 2 == 1:
+                if LAYERS == 1:
+                    z = _split_chunk(xh, xf, wk, wk + H * H, cj, HAS_H, HAS_F, H, FP,
+                                     BLOCK_M, BLOCK_N, DOT_KIND, PRECISION)
+                else:
+                    z = _matmul(xh, _load_weight_t(wk + H * FP + (LAYERS - 1) * H * H, full,
+                                                   cj, H), DOT_KIND, PRECISION)
+                z += tl.load(bk + (LAYERS - 1) * H + cj)[None, :]
+                if HAS_NOISE:
+                    z += _noise(noise_table_ptr, nw_ptr, first_noise + LAYERS - 1, grow,
+                                row_ok, NOISE_DTYPE)
+                if BLOCK_KIND == STYLED:
+                    r = _feed(z, slope, gain, BLOCK_KIND)
+                else:
+                    r = z
+            if HAS_SKIP:
+                skip = wk + H * FP + LAYERS * H * H
+                r += _split_chunk(sh, sf, skip, skip + H * H, cj, HAS_H, HAS_F, H, FP,
+                                  BLOCK_M, BLOCK_N, DOT_KIND, PRECISION)
+                r += tl.load(bk + LAYERS * H + cj)[None, :]
+            y += _place(r, cj, full, DOT_KIND, PRECISION)
+    if not HAS_SKIP:  # identity: the block input is h alone (the op checks it)
+        y += h
+    h = y * residual_gain
+    return h
 
 
 @triton.jit
@@ -135,8 +234,8 @@ def cfc_decode_fwd_kernel(
     SCALES: tl.constexpr, INNER: tl.constexpr, SKIPS: tl.constexpr, NOISE: tl.constexpr,
     H: tl.constexpr, FP: tl.constexpr, CP: tl.constexpr, PP: tl.constexpr,
     DIM: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
-    ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr, NOISE_DTYPE: tl.constexpr,
-    PIN_PAD: tl.constexpr, OUT_PAD: tl.constexpr, OUT_ACT: tl.constexpr,
+    ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr,
+    NOISE_DTYPE: tl.constexpr, PIN_PAD: tl.constexpr, OUT_PAD: tl.constexpr, OUT_ACT: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -152,95 +251,19 @@ def cfc_decode_fwd_kernel(
     w_base = w_ptr + b * stride_wb
     v_base = vec_ptr + b * stride_vb
     BLOCK_W: tl.constexpr = (LAYERS + 1) * H * H + 2 * H * FP
-    NCH: tl.constexpr = H // BLOCK_N
     full = tl.arange(0, H)
 
     h = tl.zeros((BLOCK_M, H), tl.float32)
     for k in tl.static_range(NUM_BLOCKS):
-        HAS_H: tl.constexpr = k > 0
-        SCALE: tl.constexpr = (SCALES // SCALE_BASE ** k) % SCALE_BASE
-        HAS_F: tl.constexpr = SCALE > 0
-        HAS_SKIP: tl.constexpr = (SKIPS // 2 ** k) % 2 == 1
-        HAS_NOISE: tl.constexpr = (NOISE // 2 ** k) % 2 == 1
-        INNER_END: tl.constexpr = ((INNER // INNER_BASE ** k) % INNER_BASE) * BLOCK_N
-        wk = w_base + k * BLOCK_W
-        bk = v_base + k * (LAYERS + 1) * H
-        f = tl.zeros((BLOCK_M, FP), tl.float32)
-        if HAS_F:
-            f = _features(table_ptr, chan_ptr, SCALE - 1, b, coords_ptr, grow, row_ok, DIM, P,
-                          FACTORS, COMBINE, ALIGN, BORDER, DTYPE, CP, PP, BLOCK_M)
-        # the block input x = [h, f] as the dots read it (operands converted once)
-        if BLOCK_KIND == RESNET_FC:
-            xh = _operand(_relu(h), DOT_KIND)
-            xf = _operand(_relu(f), DOT_KIND)
-        else:
-            xh = _operand(h, DOT_KIND)
-            xf = _operand(f, DOT_KIND)
-        sh = _operand(h, DOT_KIND)  # the skip reads x itself
-        sf = _operand(f, DOT_KIND)
-
-        y = tl.zeros((BLOCK_M, H), tl.float32)
-        for q in tl.static_range(LAYERS // 2):
-            # layers 2q and 2q + 1 (indices inline: they must stay compile-time values)
-            acc = tl.zeros((BLOCK_M, H), tl.float32)
-            for j in range(0, INNER_END, BLOCK_N):
-                cj = j + tl.arange(0, BLOCK_N)
-                if q == 0:
-                    z = _split_chunk(xh, xf, wk, wk + H * H, cj, HAS_H, HAS_F, H, FP, BLOCK_M,
-                                     BLOCK_N, DOT_KIND, PRECISION)
-                else:
-                    z = _matmul(xh, _load_weight_t(wk + H * FP + 2 * q * H * H, full, cj, H),
-                                DOT_KIND, PRECISION)
-                z += tl.load(bk + 2 * q * H + cj)[None, :]
-                if HAS_NOISE:
-                    z += _noise(noise_table_ptr, nw_ptr, k * LAYERS + 2 * q, grow, row_ok,
-                                NOISE_DTYPE)
-                a = _feed(z, slope, gain, BLOCK_KIND)
-                acc += _matmul(a, _load_weight_t(wk + H * FP + (2 * q + 1) * H * H, cj, full, H),
-                               DOT_KIND, PRECISION)
-            acc += tl.load(bk + (2 * q + 1) * H + full)[None, :]
-            if HAS_NOISE:
-                acc += _noise(noise_table_ptr, nw_ptr, k * LAYERS + 2 * q + 1, grow, row_ok,
-                              NOISE_DTYPE)
-            if 2 * q + 1 == LAYERS - 1:
-                if BLOCK_KIND == STYLED:
-                    y = _feed(acc, slope, gain, BLOCK_KIND)
-                else:
-                    y = acc
-            else:
-                xh = _operand(_feed(acc, slope, gain, BLOCK_KIND), DOT_KIND)
-
-        # the skip (even L) or the last layer with the skip (odd L), chunk by chunk
-        if LAYERS % 2 == 1 or HAS_SKIP:
-            acc3 = tl.zeros((BLOCK_M, NCH, BLOCK_N), tl.float32)
-            for j in range(0, H, BLOCK_N):
-                cj = j + tl.arange(0, BLOCK_N)
-                r = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                if LAYERS % 2 == 1:
-                    if LAYERS == 1:
-                        z = _split_chunk(xh, xf, wk, wk + H * H, cj, HAS_H, HAS_F, H, FP,
-                                         BLOCK_M, BLOCK_N, DOT_KIND, PRECISION)
-                    else:
-                        z = _matmul(xh, _load_weight_t(wk + H * FP + (LAYERS - 1) * H * H, full,
-                                                       cj, H), DOT_KIND, PRECISION)
-                    z += tl.load(bk + (LAYERS - 1) * H + cj)[None, :]
-                    if HAS_NOISE:
-                        z += _noise(noise_table_ptr, nw_ptr, k * LAYERS + LAYERS - 1, grow,
-                                    row_ok, NOISE_DTYPE)
-                    if BLOCK_KIND == STYLED:
-                        r = _feed(z, slope, gain, BLOCK_KIND)
-                    else:
-                        r = z
-                if HAS_SKIP:
-                    skip = wk + H * FP + LAYERS * H * H
-                    r += _split_chunk(sh, sf, skip, skip + H * H, cj, HAS_H, HAS_F, H, FP,
-                                      BLOCK_M, BLOCK_N, DOT_KIND, PRECISION)
-                    r += tl.load(bk + LAYERS * H + cj)[None, :]
-                acc3 = _place(acc3, r, j, BLOCK_N, NCH)
-            y += tl.reshape(acc3, (BLOCK_M, H))
-        if not HAS_SKIP:  # identity: the block input is h alone (the op checks it)
-            y += h
-        h = y * residual_gain
+        # the block's flags are passed inline: a constexpr bound to a local name inside
+        # a static loop cannot be bound again on the next iteration
+        h = _block(h, w_base + k * BLOCK_W, v_base + k * (LAYERS + 1) * H, table_ptr, chan_ptr,
+                   b, coords_ptr, grow, row_ok, noise_table_ptr, nw_ptr, k * LAYERS, slope, gain,
+                   residual_gain, k > 0, (SCALES // SCALE_BASE ** k) % SCALE_BASE,
+                   (SKIPS // 2 ** k) % 2 == 1, (NOISE // 2 ** k) % 2 == 1,
+                   ((INNER // INNER_BASE ** k) % INNER_BASE) * BLOCK_N, LAYERS, BLOCK_KIND, H, FP,
+                   CP, PP, DIM, P, FACTORS, COMBINE, ALIGN, BORDER, DTYPE, VEC, NOISE_DTYPE, DOT_KIND,
+                   PRECISION, BLOCK_M, BLOCK_N)
         if k == 0:
             if points_ptr is not None:  # h += P p + c, K = PIN tiny: float32 in every mode
                 pin = tl.arange(0, PIN_PAD)

@@ -432,7 +432,7 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
 
     from ..kernels import cfc as K
     from .fused_mlp import _dot_config
-    from .grid_lookup import _kernel_dtype, _kernel_layout, _Spec, _table
+    from .grid_lookup import _kernel_dtype, _kernel_layout, _rows, _Spec, _table, _vector_width
 
     B, N, DIM = coords.shape
     dev, dtype = coords.device, fields[0][0].dtype
@@ -444,6 +444,7 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
     # to channels-last once per call)
     flat = _kernel_layout([f for scale in fields for f in scale], o.planes)
     lookup = _Spec(o.planes, flat, o.combine, o.align_corners, o.padding_mode)
+    rows = _rows(flat, o.planes * len(fields), B)  # one table row per (scale, plane)
     w = _pack_weights(blocks, out_weight, g, o, fields, B, dot_dtype)
     vec = _pack_vectors(blocks, point_bias, out_bias, g, B, dev)
     pw = None
@@ -467,7 +468,7 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
     tiles = triton.cdiv(N, g.block_m)
     channels = constant_table(tuple(lookup.channels), torch.int32, dev)
     K.cfc_decode_fwd_kernel[(B * tiles,)](
-        coords.contiguous(), _table(flat, o.planes * len(fields), B), channels,
+        coords.contiguous(), _table(rows, dev), channels,
         None if points is None else points.contiguous(), w, vec, pw, nw, noise_table, y,
         N, pin, OUT, tiles, 0 if w.shape[0] == 1 else w.stride(0),
         0 if vec.shape[0] == 1 else vec.stride(0), float(o.leaky_slope), float(o.leaky_gain),
@@ -482,6 +483,7 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
         H=g.hidden, FP=g.features, CP=g.channels, PP=g.plane_slots, DIM=DIM, P=len(o.planes),
         FACTORS=lookup.factors, COMBINE=COMBINES.index(o.combine), ALIGN=o.align_corners,
         BORDER=o.padding_mode == "border", DTYPE=_kernel_dtype(dtype),
+        VEC=_vector_width(rows, flat[0].element_size()),
         NOISE_DTYPE=_kernel_dtype(noise_dtype), PIN_PAD=g.point_in, OUT_PAD=g.out,
         OUT_ACT=o.out_activation is not None, DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.num_warps)
