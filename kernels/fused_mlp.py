@@ -254,6 +254,32 @@ def _modulate(z, cols, b, layer, scale_ptr, shift_ptr, mult_ptr, act_ptr,
     return _zero_padding(h, cols, WIDTH)
 
 
+# Inputs up to this wide (coordinates) take the first layer as FMAs (FIRST_FMA).
+MAX_FIRST_FMA = tl.constexpr(4)
+
+
+@triton.jit
+def _column(h, cin, k: tl.constexpr):
+    """Column k of h ([BLOCK_M, IN_PAD]) as a [BLOCK_M] vector (zero past IN_PAD)."""
+    return tl.sum(tl.where(cin[None, :] == k, h, 0.0), axis=1)
+
+
+@triton.jit
+def _first_layer_fma(x0, x1, x2, x3, wf_ptr, cols, IN_PAD: tl.constexpr, K: tl.constexpr):
+    """z = x W_0^T for the columns `cols`, in = K <= 4 inputs, as K rank-one updates: K
+    float32 FMAs per unit where a dot would spend IN_PAD (>= 16, zero-padded) of them
+    (2-D coordinates: 2 instead of 16). Exact float32 products as the "ieee" dot."""
+    w = wf_ptr + cols * IN_PAD  # row c of the packed W_0: [HID_PAD, IN_PAD]
+    z = x0[:, None] * tl.load(w)[None, :]
+    if K > 1:
+        z += x1[:, None] * tl.load(w + 1)[None, :]
+    if K > 2:
+        z += x2[:, None] * tl.load(w + 2)[None, :]
+    if K > 3:
+        z += x3[:, None] * tl.load(w + 3)[None, :]
+    return z
+
+
 @triton.jit
 def _grid_coordinates(lin, cin, gsize_ptr, gaffine_ptr, BLOCK_M: tl.constexpr, IN_PAD: tl.constexpr,
                       GRID_DIMS: tl.constexpr, GRID_AXES: tl.constexpr):
@@ -329,7 +355,7 @@ def fused_mlp_fwd_kernel(
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
     GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0, TANGENTS: tl.constexpr = 0,
-    PADDED_WIDTHS: tl.constexpr = 0,
+    PADDED_WIDTHS: tl.constexpr = 0, FIRST_FMA: tl.constexpr = 0,
 ):
     """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows. Programs run along grid
     axis 0 only (CUDA allows 2^31 - 1 there, 65,535 on axes 1 and 2): program pid is row
@@ -342,6 +368,9 @@ def fused_mlp_fwd_kernel(
 
     GRID_DIMS > 0 (rendering, B = 1): x is not read; row r's coordinates are those of grid
     point lin0 + r, made here from the grid's sizes and per-component affine maps.
+
+    FIRST_FMA > 0 (in <= MAX_FIRST_FMA, no tangents): the first layer is FIRST_FMA rank-one
+    float32 FMA updates (see _first_layer_fma) instead of a dot over IN_PAD >= 16 columns.
 
     PADDED_WIDTHS: the hidden layers narrower than HID_PAD (see WIDTH_BASE); their padded
     units are zeroed after the activation. 0 (every hidden layer a power of two >= 16
@@ -371,6 +400,10 @@ def fused_mlp_fwd_kernel(
         h = tl.load(x_ptr + grow[:, None] * IN + cin[None, :],
                     mask=row_ok[:, None] & (cin < IN)[None, :], other=0.0).to(tl.float32)
     cfull = tl.arange(0, HID_PAD)
+    tl.static_assert(FIRST_FMA <= MAX_FIRST_FMA and (FIRST_FMA == 0 or TANGENTS == 0))
+    if FIRST_FMA > 0:  # the coordinates' columns, split once (unused ones are not kept)
+        x0, x1 = _column(h, cin, 0), _column(h, cin, 1)
+        x2, x3 = _column(h, cin, 2), _column(h, cin, 3)
     if TANGENTS > 0:  # t = dx/dx: tangent d of every row is the unit vector e_d
         tangent_of_row = tl.arange(0, TANGENTS * BLOCK_M) // BLOCK_M
         t = tl.where(cin[None, :] == tangent_of_row[:, None], 1.0, 0.0)
@@ -396,7 +429,9 @@ def fused_mlp_fwd_kernel(
         for j in range(0, HID_PAD, BLOCK_N):
             cj = j + tl.arange(0, BLOCK_N)
             w_b = _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D)
-            if p == 0:  # the first layer in float32 in every mode
+            if p == 0 and FIRST_FMA > 0:  # the first layer in float32 in every mode
+                zc = _first_layer_fma(x0, x1, x2, x3, wf_base, cj, IN_PAD, FIRST_FMA)
+            elif p == 0:
                 w_a = _load_weight_t(wf_base, kk, cj, IN_PAD)
                 zc = _matmul(h, w_a, DOT_FP32, "ieee")
             else:

@@ -166,6 +166,24 @@ def test_dtypes(dtype, activation):
     check_against_reference(p, tolerance(dtype))
 
 
+@pytest.mark.parametrize("in_features", [1, 3, 4, 5])
+def test_coordinates_first_layer_as_fmas_in_16_bit_modes(in_features):
+    """in <= 4 in a 16-bit mode: the first layer runs as `in` float32 FMAs per unit (no dot
+    over 16 padded columns), exact float32 as the dot: the output agrees with the fp16
+    mode's emulation, and the gradients with the reference; in = 5 keeps the dot."""
+    from nfd_fast.ops.fused_mlp import fused_mlp_emulated
+
+    # (w0 = 1 past the first layer: the kernels round w0 W to float16, the emulation W)
+    p = make_problem((in_features, 40, 24, 3), n=45, precision="fp16", w0=1.0,
+                     first_w0=30.0, seed=in_features)
+    check_against_reference(p, tolerance(torch.float16))
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        y = p.call()
+    want = fused_mlp_emulated(p.x.detach(), [w.detach() for w in p.weights],
+                              [b.detach() for b in p.biases], **p.options)
+    assert rel_err(y, want.double()) < 2e-4
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
 def test_float32_precisions(precision):
     p = make_problem((2, 64, 64, 3), n=64, precision=precision)

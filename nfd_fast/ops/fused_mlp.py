@@ -727,6 +727,17 @@ def _padded_widths(hidden: tuple, hid_pad: int) -> int:
     return sum((w if w < hid_pad else 0) * base ** l for l, w in enumerate(hidden))
 
 
+def _first_layer_fma(p: MLPInputs, in_features: int, jacobian: bool) -> int:
+    """The kernel's FIRST_FMA: coordinates (in <= 4) take the first layer as `in` float32
+    FMAs per unit instead of a dot over 16 padded columns, in the 16-bit modes (their
+    kernels, free of spills, are bound by issue slots; the float32 modes' kernels are
+    bound by their spills, which the FMAs' registers make worse: modelled 9.9 -> 15.3 s
+    for the float32 gigapixel render)."""
+    K = _kernels()
+    small = in_features <= K.MAX_FIRST_FMA.value
+    return in_features if small and not jacobian and p.precision in SIXTEEN_BIT_MODES else 0
+
+
 def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None,
                     jacobian: bool = False):
     """y [B, N, out], and with save_z the saved pre-activations (z [L-1, M, HID_PAD],
@@ -762,6 +773,7 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
         GRID_DIMS=IN if coord_grid else 0, GRID_AXES=axes,
         TANGENTS=pad_pow2(IN, minimum=1) if jacobian else 0,
         PADDED_WIDTHS=_padded_widths(tuple(p.widths()[1:-1]), g.hid_pad),
+        FIRST_FMA=_first_layer_fma(p, IN, jacobian),
     )
     return (y, jac) if jacobian else (y, z, zf)
 
