@@ -14,8 +14,11 @@ Factors are separate tensors whose channels lie at stride 1 (channels-last stora
 tap's channels are one contiguous vector; the op converts other layouts once per call),
 any strides otherwise. Their base addresses and strides come from an int64 table, one row
 per factor: [address, size_x, size_y, size_z, stride_b, stride_x, stride_y, stride_z];
-the kernel casts the address to a pointer of the field dtype. The factors'
-axes and dimensionality are a constexpr bit-field: factor p uses bits 8p.. as
+the kernel casts the address to a pointer of the field dtype. Where the host has checked
+that every address and stride of the tables a launch reads is a multiple of 4 elements
+(VEC = 4), alignment hints let a tap's channels load 4 at a time (128-bit for float32)
+and the backward add its float32 gradients as 4-wide atomics. The factors' axes and
+dimensionality are a constexpr bit-field: factor p uses bits 8p.. as
 ndim (2 bits) | axis_x (2) | axis_y (2) | axis_z (2).
 """
 import triton
