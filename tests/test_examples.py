@@ -24,7 +24,7 @@ def number(pattern: str, text: str) -> float:
 
 def test_every_example_is_tested():
     tested = {"fit_and_render_gigapixel", "evaluate_huge_grid", "accelerate_existing_model",
-              "approach1_latent_field", "sample_ddim", "ddmi_generate"}
+              "approach1_latent_field", "sample_ddim", "ddmi_generate", "approach7_adaptive_sampling"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -57,6 +57,17 @@ def test_approach1_latent_field(capsys):
     assert number(r"reconstruction MSE from 20% of the samples: ([\d.]+)", text) < 1.0
     assert "[3, 64]" in text and "[3, 1024]" in text
     assert number(r"end points agree to ([\d.e+-]+)", text) < 1e-5
+
+
+def test_approach7_adaptive_sampling(capsys):
+    text = run_example("approach7_adaptive_sampling", ["--small"], capsys)
+    for name in ("adaptive", "evenly spaced", "random"):
+        assert re.search(rf"{name}: field MSE by query count 3:[\d.]+ 5:", text), text
+    adaptive = int(number(r"to reach MSE 0.002: adaptive (\d+) queries", text))
+    evenly = re.search(r"evenly spaced (more than )?(\d+), random", text)
+    assert evenly, text
+    # the same error with strictly fewer queries than evenly spaced ones
+    assert evenly.group(1) or adaptive < int(evenly.group(2)), text
 
 
 def test_sample_ddim(capsys):
