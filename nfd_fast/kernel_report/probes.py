@@ -185,3 +185,65 @@ def _render(precision):
 
 for _impl, _precision in (("nfd_fast", None), ("nfd_fast[bf16]", "bf16"), ("nfd_fast[fp16]", "fp16")):
     _register("render_gigapixel", _impl, _render(_precision), (256, 1024), 32768**2)
+
+
+def _ddmi_image_readout(n):
+    """DDMI's image readout on 2 samples x n/2 pixel centres, fields at one point per
+    finest cell (64 channels, hidden 256, given noise), as the benchmark case."""
+    from nfd_fast.models.ddmi import ImageReadout, pixel_centers
+
+    torch.manual_seed(0)
+    side = int(round((n // 2) ** 0.5))
+    readout = ImageReadout()
+    coords = pixel_centers(side).expand(2, -1, -1).contiguous()
+    fields = [torch.randn(2, 64, s, s) for s in _image_sides(side * side)]
+    noise = [torch.randn(2, side * side) for _ in range(12)]
+
+    def step():
+        with torch.no_grad():
+            readout(fields, coords, 1.0, noise=noise)
+
+    return step
+
+
+def _ddmi_shape_readout(n):
+    """DDMI's occupancy readout on 2 shapes x n/2 points, tri-planes 4^2 / 8^2 / 16^2 x 64."""
+    from nfd_fast.models.ddmi import ShapeReadout
+
+    torch.manual_seed(0)
+    readout = ShapeReadout()
+    fields = [[torch.randn(2, 64, r, r) for _ in range(3)] for r in _triplane_sides(n)]
+    points = torch.rand(2, n // 2, 3) - 0.5
+
+    def step():
+        with torch.no_grad():
+            readout(fields, points)
+
+    return step
+
+
+def _matmul_precision(mode, run):
+    """run's steps under torch.set_float32_matmul_precision(mode) (the readout's bf16
+    variant: float32 data, bf16 dot operands)."""
+    def build(n):
+        step = run(n)
+
+        def in_mode():
+            previous = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(mode)
+            try:
+                step()
+            finally:
+                torch.set_float32_matmul_precision(previous)
+
+        return in_mode
+
+    return build
+
+
+for _case, _build, _canonical in (("ddmi_image_readout", _ddmi_image_readout, 16 * 256 * 256),
+                                  ("ddmi_shape_readout", _ddmi_shape_readout, 8 * 2**18)):
+    _register(_case, "nfd_fast", _with("triton", _build), (512, 2048), _canonical)
+    _register(_case, "nfd_fast[bf16]", _matmul_precision("medium", _with("triton", _build)),
+              (512, 2048), _canonical)
+    _register(_case, "eager", _with("torch", _build), (512, 2048), _canonical)

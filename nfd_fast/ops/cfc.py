@@ -338,6 +338,7 @@ class _Geometry:
     block_m: int
     block_n: int
     num_warps: int
+    num_stages: int
 
     @property
     def features(self) -> int:
@@ -350,12 +351,18 @@ class _Geometry:
         hidden = pad_pow2(max(widths))
         channels = pad_pow2(max(f[0].shape[-1 - len(o.planes[0])] for f in fields))
         slots = pad_pow2(len(o.planes), 1) if o.combine == "concat" else 1
-        # sm_90 reasoning as fused_mlp's: float32 operands at width 256 hold h, the layer
-        # accumulator and the residual chunks ([BLOCK_M, H] float32 each) in registers, so
-        # 32 rows; 16-bit operands halve the operand tiles
-        block_m = 64 if dot_dtype in (torch.float16, torch.bfloat16) else 32
+        # From sm_90a compile reports of DDMI's readouts (H = 256, C = 64; tests/sm90_compile.py):
+        # 16-bit operands: 128 rows, each warpgroup's wgmma owning 64 of them, halve the
+        # instructions per row against 64 rows; 2 stages fit (90 KB shared). float32
+        # operands hold h, the layer accumulator and the A operand's TF32 halves in
+        # registers: 32 rows, 1 stage (3 stages needed 229 KB of shared memory, more than
+        # an H100 has; 64 rows cut instructions per row by only 12% for 2.4x the stack).
+        if dot_dtype in (torch.float16, torch.bfloat16):
+            block_m, stages = 128, 2
+        else:
+            block_m, stages = 32, 1
         return _Geometry(hidden, channels, slots, pad_pow2(out), pad_pow2(point_in),
-                         block_m, min(32, hidden), 8 if hidden >= 128 else 4)
+                         block_m, min(32, hidden), 8 if hidden >= 128 else 4, stages)
 
     def block_width(self, L: int) -> int:
         return (L + 1) * self.hidden ** 2 + 2 * self.hidden * self.features
@@ -486,7 +493,8 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
         VEC=_vector_width(rows, flat[0].element_size()),
         NOISE_DTYPE=_kernel_dtype(noise_dtype), PIN_PAD=g.point_in, OUT_PAD=g.out,
         OUT_ACT=o.out_activation is not None, DOT_KIND=dot_kind, PRECISION=prec,
-        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.num_warps)
+        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.num_warps,
+        num_stages=g.num_stages)
     return y
 
 
