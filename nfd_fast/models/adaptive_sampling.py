@@ -306,7 +306,7 @@ def benchmark_calls(device, quick: bool) -> dict:
         with torch.no_grad():
             states = model.posterior(values, mask)
             model.propose(model.importance(states, mask), mask)
-            return model.decode(states, R)
+            return model.decode(states, R, (values, mask))
 
     return {"train_step": adam_step(model.parameters(), model.loss, sets),
             "sampling": one_round,
