@@ -231,7 +231,10 @@ def demo(out: str, *, quick: bool = False, seed: int = 0, device: str = "cpu") -
     curves = query_curves(model, held, 8, rounds, seed)
     with torch.no_grad():
         _plot(out, held[:3].cpu(), curves, model, R)
-    fmt = lambda name: " ".join(f"{c}:{e:.4f}" for c, e in zip(curves[name]["counts"], curves[name]["errors"]))  # noqa: E731
+
+    def fmt(name):
+        return " ".join(f"{c}:{e:.4f}" for c, e in zip(curves[name]["counts"], curves[name]["errors"]))
+
     return (f"approach 7: field MSE by query count, adaptive {fmt('adaptive')} | evenly spaced "
             f"{fmt('evenly spaced')} | random {fmt('random')}; {queries_needed(curves, 0.0025)}; "
             f"{queries_needed(curves, 0.001)} (of {model.grid} grid points); DSM loss "
@@ -278,7 +281,8 @@ def _plot(out, held, curves, model, R) -> str:
         ax.set_ylabel("field MSE", fontsize=7)
         ax.legend(fontsize=6)
 
-    rows = [(name, [(f"signal {i}", panel(name, i)) for i in range(len(held))]) for name in ("adaptive", "evenly spaced")]
+    rows = [(name, [(f"signal {i}", panel(name, i)) for i in range(len(held))])
+            for name in ("adaptive", "evenly spaced")]
     rows.append(("error", [("MSE vs queries", errors)]))
     return plot_rows(out, rows, title="approach 7: adaptive vs uniform queries", cell=3.0)
 
