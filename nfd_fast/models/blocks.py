@@ -156,7 +156,7 @@ class SetEncoder(nn.Module):
 
     forward(coords [B, N, coord_dim], values [B, N, value_dim], mask [B, N] bool or None)
     -> [B, out_dim]. phi: a FusedMLP per observation (coord_dim + value_dim -> width ->
-    features, features <= 64); pooling: masked mean and masked max of phi, and
+    features); pooling: masked mean and masked max of phi, and
     log(1 + count) (how sparse the set is); rho: Linear-SiLU-Linear to out_dim.
     """
 
@@ -208,7 +208,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 class LatentDenoiser(nn.Module):
     """eps(z_t, t[, cond]) = FusedMLP(z_t + P(emb(t)) [+ Q(cond)]) for latents [B, latent_dim]
-    (latent_dim <= 64, the fused kernel's input and output width). The time and condition
+    (latent_dim up to fused_mlp's widths, 512, for one fused kernel). The time and condition
     projections are added, not concatenated, so the fused MLP's input stays latent_dim
     wide. cond=None (or zeros) is the unconditional model of classifier-free guidance."""
 

@@ -16,7 +16,7 @@ image's code and train the diffusion on that fixed set. losses() returns both te
 the two can also be trained together.
 
 Shapes: coords [P, 2] or [B, P, 2] in [-1, 1] (x, y), values [B, P, C]; codes [B, latent_dim]
-(latent_dim <= 64, the fused denoiser's width).
+(latent_dim up to 512 runs the denoiser as one fused kernel).
 """
 from __future__ import annotations
 
