@@ -405,6 +405,7 @@ def _readout_impls(step):
     return {"eager": _with_backend("torch", step),
             "compiled": torch.compile(_with_backend("torch", step)),
             "nfd_fast": _with_backend("auto", step),
+            "nfd_fast[tf32]": _with_matmul_precision("high", _with_backend("auto", step)),
             "nfd_fast[bf16]": _with_matmul_precision("medium", _with_backend("auto", step))}
 
 
@@ -484,12 +485,12 @@ def _build_ddmi_shape_readout(device, quick):
 register(Case("ddmi_image_readout",
               "DDMI image readout, fields 64^2/128^2/256^2 x 64, hidden 256, B=16 x 256^2 pixels "
               "with noise (quick 2 x 32^2)", _build_ddmi_image_readout,
-              gpu_only_impls=("nfd_fast[bf16]",),
+              gpu_only_impls=("nfd_fast[tf32]", "nfd_fast[bf16]"),
               targets=(Target("nfd_fast*", "speedup", 5.0, "eager", READOUT_GOAL),
                        Target("nfd_fast*", "speedup", 2.0, "compiled", READOUT_GOAL))))
 register(Case("ddmi_shape_readout",
               "DDMI occupancy readout, tri-planes 16^2/32^2/64^2 x 64, hidden 256, B=8 x 2^18 "
               "points (quick 2 x 2^10)", _build_ddmi_shape_readout,
-              gpu_only_impls=("nfd_fast[bf16]",),
+              gpu_only_impls=("nfd_fast[tf32]", "nfd_fast[bf16]"),
               targets=(Target("nfd_fast*", "speedup", 5.0, "eager", READOUT_GOAL),
                        Target("nfd_fast*", "speedup", 2.0, "compiled", READOUT_GOAL))))

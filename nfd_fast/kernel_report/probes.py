@@ -223,8 +223,8 @@ def _ddmi_shape_readout(n):
 
 
 def _matmul_precision(mode, run):
-    """run's steps under torch.set_float32_matmul_precision(mode) (the readout's bf16
-    variant: float32 data, bf16 dot operands)."""
+    """run's steps under torch.set_float32_matmul_precision(mode) (the readout's tf32 and
+    bf16 variants: float32 data, tf32 or bf16 dot operands)."""
     def build(n):
         step = run(n)
 
@@ -244,6 +244,7 @@ def _matmul_precision(mode, run):
 for _case, _build, _canonical in (("ddmi_image_readout", _ddmi_image_readout, 16 * 256 * 256),
                                   ("ddmi_shape_readout", _ddmi_shape_readout, 8 * 2**18)):
     _register(_case, "nfd_fast", _with("triton", _build), (512, 2048), _canonical)
-    _register(_case, "nfd_fast[bf16]", _matmul_precision("medium", _with("triton", _build)),
-              (512, 2048), _canonical)
+    for _impl, _mode in (("nfd_fast[tf32]", "high"), ("nfd_fast[bf16]", "medium")):
+        _register(_case, _impl, _matmul_precision(_mode, _with("triton", _build)), (512, 2048),
+                  _canonical)
     _register(_case, "eager", _with("torch", _build), (512, 2048), _canonical)

@@ -354,15 +354,16 @@ class _Geometry:
         # From sm_90a compile reports of DDMI's readouts (H = 256, C = 64; tests/sm90_compile.py):
         # 16-bit operands: 128 rows, each warpgroup's wgmma owning 64 of them, halve the
         # instructions per row against 64 rows; 2 stages fit (90 KB shared). float32
-        # operands hold h, the layer accumulator and the A operand's TF32 halves in
-        # registers: 32 rows, 1 stage (3 stages needed 229 KB of shared memory, more than
-        # an H100 has; 64 rows cut instructions per row by only 12% for 2.4x the stack).
+        # operands (mma.sync) hold h, the layer accumulator and the A operand's TF32 halves
+        # in registers: 32 rows, 1 stage (3 stages needed 229 KB of shared memory, more
+        # than an H100 has), 4 warps (8 warps issued 4.7 tensor FLOPs per dot FLOP in
+        # tf32x3, replicated work; 4 warps 3.0, and 35% fewer instructions per row)
         if dot_dtype in (torch.float16, torch.bfloat16):
-            block_m, stages = 128, 2
+            block_m, stages, warps = 128, 2, 8 if hidden >= 128 else 4
         else:
-            block_m, stages = 32, 1
+            block_m, stages, warps = 32, 1, 4
         return _Geometry(hidden, channels, slots, pad_pow2(out), pad_pow2(point_in),
-                         block_m, min(32, hidden), 8 if hidden >= 128 else 4, stages)
+                         block_m, min(32, hidden), warps, stages)
 
     def block_width(self, L: int) -> int:
         return (L + 1) * self.hidden ** 2 + 2 * self.hidden * self.features
