@@ -41,7 +41,7 @@ NaN there (Inf * 0), where the reference keeps the Inf; NaN stays NaN either way
 import triton
 import triton.language as tl
 
-from .fused_mlp import DOT_FP32, _load_weight_t, _matmul, _operand
+from .fused_mlp import DOT_FP32, _load_weight_t, _operand
 from .grid_lookup import CONCAT, MEAN, PRODUCT, _factor_value
 
 # Block kinds: the index of the name in nfd_fast.ops.cfc.BLOCK_KINDS.
@@ -52,6 +52,19 @@ RESNET_FC = tl.constexpr(1)
 # noise inputs. (Digit arithmetic: the interpreter's constexpr has no >>.)
 SCALE_BASE = tl.constexpr(64)
 INNER_BASE = tl.constexpr(64)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with float32 accumulation, a cast to the mode's operand dtype: the
+    operand kinds and precisions of kernels/fused_mlp.py (DOT_FP32 with input_precision
+    ieee / tf32 / tf32x3, or 16-bit operands). The sum goes into acc itself, so a running
+    accumulator takes the dot in place."""
+    if DOT_KIND == DOT_FP32:
+        c = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        c = tl.dot(_operand(a, DOT_KIND), b, acc)
+    return c
 
 
 @triton.jit
@@ -117,19 +130,19 @@ def _split_chunk(xh, xf, wh_ptr, wf_ptr, cols, HAS_H: tl.constexpr, HAS_F: tl.co
     """Columns `cols` of W_h xh + W_f xf (either part absent): the split concatenation."""
     z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if HAS_H:
-        z += _matmul(xh, _load_weight_t(wh_ptr, tl.arange(0, H), cols, H), DOT_KIND, PRECISION)
+        z = _dot(xh, _load_weight_t(wh_ptr, tl.arange(0, H), cols, H), z, DOT_KIND, PRECISION)
     if HAS_F:
-        z += _matmul(xf, _load_weight_t(wf_ptr, tl.arange(0, FP), cols, FP), DOT_KIND, PRECISION)
+        z = _dot(xf, _load_weight_t(wf_ptr, tl.arange(0, FP), cols, FP), z, DOT_KIND, PRECISION)
     return z
 
 
 @triton.jit
-def _place(chunk, cols, full, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
-    """chunk [BLOCK_M, BLOCK_N] spread to the columns `cols` of a [BLOCK_M, H] tensor (zero
-    elsewhere), as a product with the 0/1 selection matrix E[c, n] = (n == cols[c]): on
-    the tensor cores, exact up to the mode's rounding of the chunk."""
+def _place(acc, chunk, cols, full, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BLOCK_M, H] plus chunk [BLOCK_M, BLOCK_N] in the columns `cols`, as a product
+    with the 0/1 selection matrix E[c, n] = (n == cols[c]): on the tensor cores, exact up
+    to the mode's rounding of the chunk."""
     select = tl.where(full[None, :] == cols[:, None], 1.0, 0.0)
-    return _matmul(chunk, _operand(select, DOT_KIND), DOT_KIND, PRECISION)
+    return _dot(chunk, _operand(select, DOT_KIND), acc, DOT_KIND, PRECISION)
 
 
 @triton.jit
@@ -172,15 +185,15 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
                 z = _split_chunk(xh, xf, wk, wk + H * H, cj, HAS_H, HAS_F, H, FP, BLOCK_M,
                                  BLOCK_N, DOT_KIND, PRECISION)
             else:
-                z = _matmul(xh, _load_weight_t(wk + H * FP + 2 * q * H * H, full, cj, H),
-                            DOT_KIND, PRECISION)
+                z = _dot(xh, _load_weight_t(wk + H * FP + 2 * q * H * H, full, cj, H),
+                         tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_KIND, PRECISION)
             z += tl.load(bk + 2 * q * H + cj)[None, :]
             if HAS_NOISE:
                 z += _noise(noise_table_ptr, nw_ptr, first_noise + 2 * q, grow, row_ok,
                             NOISE_DTYPE)
             a = _feed(z, slope, gain, BLOCK_KIND)
-            acc += _matmul(a, _load_weight_t(wk + H * FP + (2 * q + 1) * H * H, cj, full, H),
-                           DOT_KIND, PRECISION)
+            acc = _dot(a, _load_weight_t(wk + H * FP + (2 * q + 1) * H * H, cj, full, H), acc,
+                       DOT_KIND, PRECISION)
         acc += tl.load(bk + (2 * q + 1) * H + full)[None, :]
         if HAS_NOISE:
             acc += _noise(noise_table_ptr, nw_ptr, first_noise + 2 * q + 1, grow, row_ok,
@@ -203,8 +216,8 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
                     z = _split_chunk(xh, xf, wk, wk + H * H, cj, HAS_H, HAS_F, H, FP,
                                      BLOCK_M, BLOCK_N, DOT_KIND, PRECISION)
                 else:
-                    z = _matmul(xh, _load_weight_t(wk + H * FP + (LAYERS - 1) * H * H, full,
-                                                   cj, H), DOT_KIND, PRECISION)
+                    z = _dot(xh, _load_weight_t(wk + H * FP + (LAYERS - 1) * H * H, full, cj, H),
+                             tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_KIND, PRECISION)
                 z += tl.load(bk + (LAYERS - 1) * H + cj)[None, :]
                 if HAS_NOISE:
                     z += _noise(noise_table_ptr, nw_ptr, first_noise + LAYERS - 1, grow,
@@ -218,7 +231,7 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
                 r += _split_chunk(sh, sf, skip, skip + H * H, cj, HAS_H, HAS_F, H, FP,
                                   BLOCK_M, BLOCK_N, DOT_KIND, PRECISION)
                 r += tl.load(bk + LAYERS * H + cj)[None, :]
-            y += _place(r, cj, full, DOT_KIND, PRECISION)
+            y = _place(y, r, cj, full, DOT_KIND, PRECISION)
     if not HAS_SKIP:  # identity: the block input is h alone (the op checks it)
         y += h
     h = y * residual_gain
@@ -269,15 +282,15 @@ def cfc_decode_fwd_kernel(
                 pin = tl.arange(0, PIN_PAD)
                 p = tl.load(points_ptr + grow[:, None] * PIN + pin[None, :],
                             mask=row_ok[:, None] & (pin < PIN)[None, :], other=0.0)
-                h += _matmul(p.to(tl.float32), _load_weight_t(pw_ptr, pin, full, PIN_PAD),
-                             DOT_FP32, "ieee")
+                h = _dot(p.to(tl.float32), _load_weight_t(pw_ptr, pin, full, PIN_PAD), h,
+                         DOT_FP32, "ieee")
                 h += tl.load(v_base + NUM_BLOCKS * (LAYERS + 1) * H + full)[None, :]
 
     if OUT_ACT:
         h = tl.where(h >= 0.0, h, out_slope * h)
     oc = tl.arange(0, OUT_PAD)
-    out = _matmul(_operand(h, DOT_KIND),
-                  _load_weight_t(w_base + NUM_BLOCKS * BLOCK_W, full, oc, H), DOT_KIND, PRECISION)
+    out = _dot(h, _load_weight_t(w_base + NUM_BLOCKS * BLOCK_W, full, oc, H),
+               tl.zeros((BLOCK_M, OUT_PAD), tl.float32), DOT_KIND, PRECISION)
     out += tl.load(v_base + NUM_BLOCKS * (LAYERS + 1) * H + H + oc)[None, :]
     tl.store(y_ptr + grow[:, None] * OUT + oc[None, :], out.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (oc < OUT)[None, :])

@@ -270,3 +270,22 @@ def test_bad_inputs_raise_clear_errors():
         call(point_weight=rand(24, 3))
     with pytest.raises(ValueError, match=r"blocks\[0\].scale: 4 is not one of the 2 scales"):
         call(blocks=[SplitBlock(**{**vars(blocks[0]), "scale": 4}), *blocks[1:]])
+
+
+def test_compiles_fullgraph_as_one_opaque_op():
+    args, kwargs = case_inputs("resnet_fc_video_concat", N=5, channels=(3,))
+    coords, fields, planes, blocks, ow, ob = args
+
+    def readout(c, f):
+        return cfc_decode(c, [f], planes, blocks, ow, ob, **kwargs)
+
+    torch._dynamo.reset()
+    with nfd_fast.use_backend("triton"):
+        explanation = torch._dynamo.explain(readout)(coords, fields[0])
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(readout, fullgraph=True, backend="aot_eager")
+        got, want = compiled(coords, fields[0]), readout(coords, fields[0])
+    assert rel_err(got, want) < 1e-6
+    ga = torch.autograd.grad(got.sum(), [coords, fields[0][1]])
+    gb = torch.autograd.grad(want.sum(), [coords, fields[0][1]])
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(ga, gb))

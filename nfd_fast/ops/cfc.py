@@ -51,11 +51,13 @@ import torch
 from .. import backend
 from ._autograd import reference_vjp
 from ._device import constant_table, pad_pow2
-from .fused_mlp import PRECISIONS, default_precision
+from .fused_mlp import default_precision
 from .grid_lookup import _validate as _validate_lookup
 from .grid_lookup import COMBINES, reference_grid_lookup
 
 BLOCK_KINDS = ("styled", "resnet_fc")
+# fused_mlp's operand modes that this kernel runs (see kernels/cfc.py _dot)
+PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")
 MAX_HIDDEN, MAX_FEATURES, MAX_OUT, MAX_POINT_IN = 256, 256, 64, 16
 MAX_BLOCKS = 8
 
@@ -439,7 +441,7 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
     import triton
 
     from ..kernels import cfc as K
-    from .fused_mlp import _dot_config
+    from ..kernels import fused_mlp as KM
     from .grid_lookup import _kernel_dtype, _kernel_layout, _rows, _Spec, _table, _vector_width
 
     B, N, DIM = coords.shape
@@ -472,7 +474,8 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
                           torch.zeros(L, device=dev) for blk, per in zip(blocks, noise)])
     inner = [max([g.block_n] + _layer_outs(blk)[:L - 1]) for blk in blocks]
     y = torch.empty(B, N, OUT, device=dev, dtype=dtype)
-    dot_kind, prec = _dot_config(precision)
+    dot_kind = {"fp16": KM.DOT_FP16, "bf16": KM.DOT_BF16}.get(precision, KM.DOT_FP32).value
+    prec = "ieee" if precision in _DOT_DTYPES else precision
     tiles = triton.cdiv(N, g.block_m)
     channels = constant_table(tuple(lookup.channels), torch.int32, dev)
     K.cfc_decode_fwd_kernel[(B * tiles,)](
@@ -687,6 +690,8 @@ def cfc_decode(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
                                point_bias, points, noise, combine, padding_mode, block)
     if precision is None:
         precision = default_precision(fields[0][0].dtype)
+        if precision not in PRECISIONS:  # a fused_mlp mode this kernel lacks: float32 accuracy
+            precision = "tf32x3"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if residual_gain is None:
