@@ -153,7 +153,8 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
            BLOCK_KIND: tl.constexpr, H: tl.constexpr, FP: tl.constexpr, CP: tl.constexpr,
            PP: tl.constexpr, DIM: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr,
            COMBINE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
-           DTYPE: tl.constexpr, VEC: tl.constexpr, NOISE_DTYPE: tl.constexpr, DOT_KIND: tl.constexpr,
+           DTYPE: tl.constexpr, VEC: tl.constexpr, NOISE_DTYPE: tl.constexpr,
+           DOT_KIND: tl.constexpr,
            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block: h (the residual stream, [BLOCK_M, H] float32) -> the next h. wk / bk:
     the block's packed matrices and bias vectors; SCALE: the scale read + 1 (0: none);
@@ -275,8 +276,8 @@ def cfc_decode_fwd_kernel(
                    residual_gain, k > 0, (SCALES // SCALE_BASE ** k) % SCALE_BASE,
                    (SKIPS // 2 ** k) % 2 == 1, (NOISE // 2 ** k) % 2 == 1,
                    ((INNER // INNER_BASE ** k) % INNER_BASE) * BLOCK_N, LAYERS, BLOCK_KIND, H, FP,
-                   CP, PP, DIM, P, FACTORS, COMBINE, ALIGN, BORDER, DTYPE, VEC, NOISE_DTYPE, DOT_KIND,
-                   PRECISION, BLOCK_M, BLOCK_N)
+                   CP, PP, DIM, P, FACTORS, COMBINE, ALIGN, BORDER, DTYPE, VEC, NOISE_DTYPE,
+                   DOT_KIND,                    PRECISION, BLOCK_M, BLOCK_N)
         if k == 0:
             if points_ptr is not None:  # h += P p + c, K = PIN tiny: float32 in every mode
                 pin = tl.arange(0, PIN_PAD)

@@ -209,8 +209,8 @@ class CFCDecoder(nn.Module):
 
     def fused_forward(self, coords, fields, program: CFCProgram, points=None, noise=None):
         """The readout through nfd_fast.ops.cfc_decode (one fused kernel)."""
-        widths = [f[0].shape[-1 - len(self.planes[0])] * (len(self.planes) if self.combine == "concat" else 1)
-                  for f in fields]
+        planes = len(self.planes) if self.combine == "concat" else 1
+        widths = [f[0].shape[-1 - len(self.planes[0])] * planes for f in fields]
         blocks, hidden = [], None
         for k, blk in enumerate(program.blocks):
             noisy = noise is not None and noise[k] is not None

@@ -119,9 +119,9 @@ class _Options:
 
 def _check_matrix(t, name: str, rows: Optional[int], cols: Optional[int], B: int) -> tuple:
     """t is [rows, cols] or [B, rows, cols] (None: any); returns (rows, cols)."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() not in (2, 3) \
-            or (t.dim() == 3 and t.shape[0] != B) \
-            or (rows is not None and t.shape[-2] != rows) or (cols is not None and t.shape[-1] != cols):
+    ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() in (2, 3) and \
+        (t.dim() == 2 or t.shape[0] == B) and rows in (None, t.shape[-2]) and cols in (None, t.shape[-1])
+    if not ok:
         got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         want = f"[{'out' if rows is None else rows}, {'in' if cols is None else cols}]"
         raise ValueError(f"{name}: expected a float tensor {want} or [B={B}, ...], got {got}")
@@ -150,12 +150,14 @@ def _validate_block(k: int, blk: SplitBlock, B: int, widths: list, L: int) -> in
         raise ValueError(f"{name}: has {blk.num_layers} layers, blocks[0] has {L} (every block "
                          "needs the same count)")
     if len(blk.biases) != L:
-        raise ValueError(f"{name}.biases: expected {L} entries (None allowed), got {len(blk.biases)}")
+        raise ValueError(f"{name}.biases: expected {L} entries (None allowed), "
+                         f"got {len(blk.biases)}")
     if (k == 0) != (blk.hidden_weight is None):
         raise ValueError(f"{name}.hidden_weight: " + ("block 0 has no hidden state: expected None"
                                                       if k == 0 else "expected W_h [out, H]"))
     if blk.scale is not None and not 0 <= blk.scale < len(widths):
-        raise ValueError(f"{name}.scale: {blk.scale} is not one of the {len(widths)} scales of fields")
+        raise ValueError(f"{name}.scale: {blk.scale} is not one of the {len(widths)} scales "
+                         "of fields")
     if (blk.scale is None) != (blk.feature_weight is None):
         raise ValueError(f"{name}.feature_weight: needed exactly when the block reads a scale")
     if blk.scale is None and k == 0:
@@ -402,8 +404,8 @@ def _pack_weights(blocks, out_weight, g: _Geometry, o: _Options, fields, B, dot_
     for k, blk in enumerate(blocks):
         part = w[:, k * blk_w:(k + 1) * blk_w]
         channels = None if blk.scale is None else fields[blk.scale][0].shape[-1 - len(o.planes[0])]
-        mats = [(blk.hidden_weight, H), (blk.feature_weight, FP)] + [(x, H) for x in blk.weights] + \
-            [(blk.skip_hidden, H), (blk.skip_feature, FP)]
+        mats = [(blk.hidden_weight, H), (blk.feature_weight, FP)] + \
+            [(x, H) for x in blk.weights] + [(blk.skip_hidden, H), (blk.skip_feature, FP)]
         offset = 0
         for i, (m, cols) in enumerate(mats):
             if m is not None and i in (1, len(mats) - 1):
@@ -490,7 +492,7 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
         INNER=_digits([triton.cdiv(i, g.block_n) for i in inner], K.INNER_BASE.value),
         SKIPS=_digits([blk.skip_hidden is not None or blk.skip_feature is not None
                        for blk in blocks], 2),
-        NOISE=_digits([noise is not None and per is not None for per in (noise or [None] * len(blocks))], 2),
+        NOISE=_digits([per is not None for per in (noise or [None] * len(blocks))], 2),
         H=g.hidden, FP=g.features, CP=g.channels, PP=g.plane_slots, DIM=DIM, P=len(o.planes),
         FACTORS=lookup.factors, COMBINE=COMBINES.index(o.combine), ALIGN=o.align_corners,
         BORDER=o.padding_mode == "border", DTYPE=_kernel_dtype(dtype),
@@ -515,8 +517,9 @@ _TAIL_SLOTS = 4
 
 def _flatten(blocks, out_weight, out_bias, point_weight, point_bias, noise) -> tuple:
     """(params, noise tensors, layout) of a program."""
-    slots = [t for blk in blocks for t in blk.slots()] + [point_weight, point_bias, out_weight, out_bias]
-    noise_mask = [int(noise is not None and per is not None) for per in (noise or [None] * len(blocks))]
+    slots = [t for blk in blocks for t in blk.slots()] + \
+        [point_weight, point_bias, out_weight, out_bias]
+    noise_mask = [int(per is not None) for per in (noise or [None] * len(blocks))]
     layout = [len(blocks), blocks[0].num_layers] + \
         [-1 if blk.scale is None else int(blk.scale) for blk in blocks] + \
         [int(t is not None) for t in slots] + noise_mask
