@@ -230,7 +230,9 @@ def reference_step(mode: str, x, model, uncond, z, t, prev, alphas_cumprod, beta
         return x_mean + _per_sample((2 * step).sqrt(), x) * z, x_mean
     if mode == "vp_predictor":
         beta = _per_sample(lookup(betas, t), x)
-        x_mean = xf - ((1 - beta).sqrt() * xf - xf - beta * m)
+        # (2 - sqrt(1 - beta)) x in one product: x - (sqrt(1 - beta) x - x) is Inf - Inf
+        # (NaN) for an infinite x whose step is infinite
+        x_mean = (2 - (1 - beta).sqrt()) * xf + beta * m
         return x_mean + beta.sqrt() * z, x_mean
     schedule = _Schedule(alphas_cumprod)
     if mode == "ddpm":
