@@ -178,3 +178,25 @@ def test_capture_records_the_copies_of_ops_that_may_alias():
         x.contiguous(), x.reshape(24)  # views
         x.t().contiguous(), x.t().reshape(24)  # copies of 96 bytes
     assert [(e["op"], e["bytes"]) for e in rec.events] == [("contiguous", 192), ("reshape", 192)]
+
+
+def test_a_reused_address_is_a_new_value_for_the_compiled_floor():
+    """A pointwise result at an address that a matmul then overwrites (the allocator
+    reusing a freed buffer): the pointwise read of the matmul's result is a read from
+    outside the chains, whatever address it has. (Before: the identity was the address, so
+    the compiled floor depended on where the allocator put things.)"""
+    import importlib
+
+    import torch
+
+    capture = importlib.import_module("nfd_fast.kernel_report.capture")
+    from nfd_fast.kernel_report import model
+
+    aten = torch.ops.aten
+    rec = capture.Recorder()
+    x, w, buf, y = torch.randn(8), torch.randn(8, 8), torch.empty(8), torch.empty(8)
+    rec.aten(aten.mul.Tensor, (x, 2.0), {}, buf)          # pointwise -> buf (never read)
+    rec.aten(aten.mv.default, (w, x), {}, buf)            # matmul overwrites buf
+    rec.aten(aten.add.Tensor, (buf, x), {}, y)            # pointwise reads the matmul's buf
+    # read x and the matmul's buf; write mul's unused result and y: 4 x 32 bytes
+    assert model.fused_bytes(rec.events) == 128

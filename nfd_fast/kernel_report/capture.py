@@ -19,6 +19,7 @@ recorded with their FLOPs (matmuls) and the bytes of their tensor operands.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -122,6 +123,18 @@ class Recorder:
         self.events = []
         self.counters = _Counters()
         self.tracing = None  # the dispatch mode while a probe runs
+        # tensor identities for the fused-bytes model: an address names a value until a
+        # call writes there again (a freed buffer reused by the allocator is a new value)
+        self._values, self._fresh = {}, itertools.count()
+
+    def _value(self, address: int) -> int:
+        if address not in self._values:
+            self._values[address] = next(self._fresh)
+        return self._values[address]
+
+    def _written(self, address: int) -> int:
+        self._values[address] = next(self._fresh)
+        return self._values[address]
 
     def install(self) -> None:
         from triton.runtime import interpreter as I
@@ -138,6 +151,7 @@ class Recorder:
         I.InterpretedFunction.run = recorded_run
 
     def launch(self, run, fn, args, kwargs, grid):
+        import torch
         from torch.utils._python_dispatch import _disable_current_modes
 
         bound = dict(zip(fn.arg_names, args), **kwargs)
@@ -153,11 +167,16 @@ class Recorder:
                 return run(fn, *args, grid=grid, warmup=False, **kwargs)
         finally:
             self.counters.finish()
+            for a in list(args) + list(kwargs.values()):  # what a kernel touched is new
+                if isinstance(a, torch.Tensor):
+                    self._written(_address(a))
 
     def aten(self, func, args, kwargs, out) -> None:
+        work = _aten_work(func, args, kwargs, out)
+        work["inputs"] = [(self._value(a), b) for a, b in work["inputs"]]
+        work["outputs"] = [(self._written(a), b) for a, b in work["outputs"]]
         self.events.append({"type": "aten", "op": str(func.overloadpacket.__name__),
-                            "pointwise": _is_pointwise(func),
-                            **_aten_work(func, args, kwargs, out)})
+                            "pointwise": _is_pointwise(func), **work})
 
 
 def _is_pointwise(func) -> bool:
