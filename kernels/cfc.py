@@ -146,26 +146,35 @@ def _place(acc, chunk, cols, full, DOT_KIND: tl.constexpr, PRECISION: tl.constex
 
 
 @triton.jit
+def _save(ptr, x, grow, row_ok, cols, WIDTH: tl.constexpr):
+    """x [BLOCK_M, len(cols)] into the rows `grow` of a saved [M, WIDTH] float32 plane."""
+    tl.store(ptr + grow[:, None] * WIDTH + cols[None, :], x, mask=row_ok[:, None])
+
+
+@triton.jit
 def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_table_ptr, nw_ptr,
-           first_noise, slope, gain, residual_gain,
+           first_noise, slope, gain, residual_gain, zs, fs, plane,
            HAS_H: tl.constexpr, SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
            HAS_NOISE: tl.constexpr, INNER_END: tl.constexpr, LAYERS: tl.constexpr,
            BLOCK_KIND: tl.constexpr, H: tl.constexpr, FP: tl.constexpr, CP: tl.constexpr,
            PP: tl.constexpr, DIM: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr,
            COMBINE: tl.constexpr, ALIGN: tl.constexpr, BORDER: tl.constexpr,
            DTYPE: tl.constexpr, VEC: tl.constexpr, NOISE_DTYPE: tl.constexpr,
-           DOT_KIND: tl.constexpr,
-           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+           DOT_KIND: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block: h (the residual stream, [BLOCK_M, H] float32) -> the next h. wk / bk:
     the block's packed matrices and bias vectors; SCALE: the scale read + 1 (0: none);
     INNER_END: the inner width rounded up to BLOCK_N; first_noise: the index of the
-    block's first layer among the noise inputs."""
+    block's first layer among the noise inputs. SAVE: z_l goes to the plane zs + l * plane
+    ([M, H] float32 each) and the features to fs ([M, FP]) for the backward."""
     HAS_F: tl.constexpr = SCALE > 0
     full = tl.arange(0, H)
     f = tl.zeros((BLOCK_M, FP), tl.float32)
     if HAS_F:
         f = _features(table_ptr, chan_ptr, SCALE - 1, b, coords_ptr, grow, row_ok, DIM, P,
                       FACTORS, COMBINE, ALIGN, BORDER, DTYPE, VEC, CP, PP, BLOCK_M)
+        if SAVE:
+            _save(fs, f, grow, row_ok, tl.arange(0, FP), FP)
     # the block input x = [h, f] as the dots read it (operands converted once)
     if BLOCK_KIND == RESNET_FC:
         xh = _operand(_relu(h), DOT_KIND)
@@ -192,6 +201,8 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
             if HAS_NOISE:
                 z += _noise(noise_table_ptr, nw_ptr, first_noise + 2 * q, grow, row_ok,
                             NOISE_DTYPE)
+            if SAVE:
+                _save(zs + 2 * q * plane, z, grow, row_ok, cj, H)
             a = _feed(z, slope, gain, BLOCK_KIND)
             acc = _dot(a, _load_weight_t(wk + H * FP + (2 * q + 1) * H * H, cj, full, H), acc,
                        DOT_KIND, PRECISION)
@@ -199,6 +210,8 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
         if HAS_NOISE:
             acc += _noise(noise_table_ptr, nw_ptr, first_noise + 2 * q + 1, grow, row_ok,
                           NOISE_DTYPE)
+        if SAVE:
+            _save(zs + (2 * q + 1) * plane, acc, grow, row_ok, full, H)
         if 2 * q + 1 == LAYERS - 1:
             if BLOCK_KIND == STYLED:
                 y = _feed(acc, slope, gain, BLOCK_KIND)
@@ -223,6 +236,8 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
                 if HAS_NOISE:
                     z += _noise(noise_table_ptr, nw_ptr, first_noise + LAYERS - 1, grow,
                                 row_ok, NOISE_DTYPE)
+                if SAVE:
+                    _save(zs + (LAYERS - 1) * plane, z, grow, row_ok, cj, H)
                 if BLOCK_KIND == STYLED:
                     r = _feed(z, slope, gain, BLOCK_KIND)
                 else:
@@ -242,21 +257,27 @@ def _block(h, wk, bk, table_ptr, chan_ptr, b, coords_ptr, grow, row_ok, noise_ta
 @triton.jit
 def cfc_decode_fwd_kernel(
     coords_ptr, table_ptr, chan_ptr, points_ptr, w_ptr, vec_ptr, pw_ptr, nw_ptr,
-    noise_table_ptr, y_ptr,
-    N, PIN, OUT, point_tiles, stride_wb, stride_vb, slope, gain, residual_gain, out_slope,
+    noise_table_ptr, y_ptr, z_ptr, f_ptr,
+    N, M, PIN, OUT, point_tiles, stride_wb, stride_vb, slope, gain, residual_gain, out_slope,
     NUM_BLOCKS: tl.constexpr, LAYERS: tl.constexpr, BLOCK_KIND: tl.constexpr,
     SCALES: tl.constexpr, INNER: tl.constexpr, SKIPS: tl.constexpr, NOISE: tl.constexpr,
     H: tl.constexpr, FP: tl.constexpr, CP: tl.constexpr, PP: tl.constexpr,
     DIM: tl.constexpr, P: tl.constexpr, FACTORS: tl.constexpr, COMBINE: tl.constexpr,
     ALIGN: tl.constexpr, BORDER: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr,
     NOISE_DTYPE: tl.constexpr, PIN_PAD: tl.constexpr, OUT_PAD: tl.constexpr, OUT_ACT: tl.constexpr,
-    DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_KIND: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y[b, rows] = the readout of BLOCK_M points of sample b. Programs run along grid
     axis 0 only (2^31 - 1 there, 65,535 on axes 1 and 2): program pid is point tile
     pid % point_tiles of sample pid // point_tiles. Absent inputs are None pointers
-    (points, noise table) and their code is compiled out."""
+    (points, noise table) and their code is compiled out.
+
+    SAVE (training): what the backward reads, float32, M = B * N rows each: z_ptr
+    [K, L + 1, M, H] holds block k's pre-activations z_0 .. z_{L-1} and its output h
+    (after the point layer for block 0, so the last is act_o's input); f_ptr [K, M, FP]
+    the features of each block that reads a scale. The caller zeroes z_ptr: columns
+    past a layer's inner width are never written (they are zero)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // point_tiles
     rows = (pid % point_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -266,18 +287,24 @@ def cfc_decode_fwd_kernel(
     v_base = vec_ptr + b * stride_vb
     BLOCK_W: tl.constexpr = (LAYERS + 1) * H * H + 2 * H * FP
     full = tl.arange(0, H)
+    plane = (b * 0 + M) * H  # int64: K (L + 1) M H passes 2^31 at a few million points
 
     h = tl.zeros((BLOCK_M, H), tl.float32)
     for k in tl.static_range(NUM_BLOCKS):
+        zs, fs = z_ptr, f_ptr  # (None when not saving)
+        if SAVE:
+            zs = z_ptr + k * (LAYERS + 1) * plane
+            fs = f_ptr + k * (plane // H) * FP
+
         # the block's flags are passed inline: a constexpr bound to a local name inside
         # a static loop cannot be bound again on the next iteration
         h = _block(h, w_base + k * BLOCK_W, v_base + k * (LAYERS + 1) * H, table_ptr, chan_ptr,
                    b, coords_ptr, grow, row_ok, noise_table_ptr, nw_ptr, k * LAYERS, slope, gain,
-                   residual_gain, k > 0, (SCALES // SCALE_BASE ** k) % SCALE_BASE,
+                   residual_gain, zs, fs, plane, k > 0, (SCALES // SCALE_BASE ** k) % SCALE_BASE,
                    (SKIPS // 2 ** k) % 2 == 1, (NOISE // 2 ** k) % 2 == 1,
                    ((INNER // INNER_BASE ** k) % INNER_BASE) * BLOCK_N, LAYERS, BLOCK_KIND, H, FP,
                    CP, PP, DIM, P, FACTORS, COMBINE, ALIGN, BORDER, DTYPE, VEC, NOISE_DTYPE,
-                   DOT_KIND,                    PRECISION, BLOCK_M, BLOCK_N)
+                   DOT_KIND, PRECISION, SAVE, BLOCK_M, BLOCK_N)
         if k == 0:
             if points_ptr is not None:  # h += P p + c, K = PIN tiny: float32 in every mode
                 pin = tl.arange(0, PIN_PAD)
@@ -286,6 +313,8 @@ def cfc_decode_fwd_kernel(
                 h = _dot(p.to(tl.float32), _load_weight_t(pw_ptr, pin, full, PIN_PAD), h,
                          DOT_FP32, "ieee")
                 h += tl.load(v_base + NUM_BLOCKS * (LAYERS + 1) * H + full)[None, :]
+        if SAVE:
+            _save(zs + LAYERS * plane, h, grow, row_ok, full, H)
 
     if OUT_ACT:
         h = tl.where(h >= 0.0, h, out_slope * h)

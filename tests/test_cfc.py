@@ -120,11 +120,29 @@ def run(setting, args, kwargs, named):
     return out, grads
 
 
+@pytest.fixture
+def fused_backwards(monkeypatch):
+    """Counts the fused backward's calls (so a test knows the reference's VJP did not
+    stand in for it)."""
+    calls = []
+    inner = cfc_ops.kernel_backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(cfc_ops, "kernel_backward", counted)
+    return calls
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_the_reference_outputs_and_gradients(name):
+def test_kernel_matches_the_reference_outputs_and_gradients(name, fused_backwards):
+    """Forward and backward on kernels (the saving forward, the fused backward) against
+    the reference's outputs and gradients."""
     args, kwargs = case_inputs(name)
     named = leaves(args, kwargs)
     out, grads = run("triton", args, kwargs, named)
+    assert fused_backwards == [1]
     ref, ref_grads = run("torch", args, kwargs, named)
     assert nfd_fast.backend.explain().count("cfc_decode") == 1
     assert out.shape == (2, 29, 3) and rel_err(out, ref) < 2e-5, rel_err(out, ref)
@@ -132,7 +150,7 @@ def test_kernel_matches_the_reference_outputs_and_gradients(name):
         assert rel_err(a, b) < 2e-5, (key, rel_err(a, b))
 
 
-def test_float16_kernel_against_the_float32_reference():
+def test_float16_kernel_against_the_float32_reference(fused_backwards):
     """float16 inputs: the kernel (float16 dot operands, float32 accumulation) against the
     reference in float32 on the same float16 numbers."""
     args, kwargs = case_inputs("styled_image", B=3, N=21)
@@ -142,6 +160,7 @@ def test_float16_kernel_against_the_float32_reference():
     named = leaves(half_args, half_kwargs)
     out, grads = run("triton", half_args, half_kwargs, named)
     ref, ref_grads = run("torch", exact_args, exact_kwargs, leaves(exact_args, exact_kwargs))
+    assert fused_backwards == [1]
     assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2, rel_err(out, ref)
     for key, a, b in zip(named, grads, ref_grads):
         assert a.dtype == torch.float16 and rel_err(a, b) < 1e-2, (key, rel_err(a, b))
@@ -215,15 +234,15 @@ def test_op_is_registered_and_kernel_codes_match():
         assert getattr(K, name.upper()).value == i
 
 
-@pytest.mark.parametrize("setting", ["torch", "triton"])
-def test_opcheck_cfc_decode(setting):
+@pytest.mark.parametrize("setting,save", [("torch", True), ("triton", False), ("triton", True)])
+def test_opcheck_cfc_decode(setting, save):
     args, kwargs = case_inputs("resnet_fc_shape", N=5, channels=(3,))
     coords, fields, planes, blocks, ow, ob = args
     params, noise, layout = cfc_ops._flatten(blocks, ow, ob, kwargs["point_weight"],
                                              kwargs["point_bias"], None)
     op_args = (coords, [f for s in fields for f in s], [kwargs["points"]], params, noise, layout,
                [a for p in planes for a in p], [len(p) for p in planes], "sum", True, "zeros",
-               "resnet_fc", [0.2, math.sqrt(2), 1.0, math.nan], "tf32x3", setting)
+               "resnet_fc", [0.2, math.sqrt(2), 1.0, math.nan], "tf32x3", save, setting)
     torch.library.opcheck(torch.ops.nfd_fast.cfc_decode.default, op_args)
 
 

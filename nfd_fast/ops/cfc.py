@@ -44,12 +44,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import backend
-from ._autograd import reference_vjp
+from ._autograd import empty_f32, reference_vjp, zeros_where_absent
 from ._device import constant_table, pad_pow2
 from .fused_mlp import default_precision
 from .grid_lookup import _validate as _validate_lookup
@@ -437,13 +437,21 @@ def _digits(values: Sequence[int], base: int) -> int:
     return sum(int(v) * base ** i for i, v in enumerate(values))
 
 
+def _dot_config(precision: str) -> tuple:
+    """(DOT_KIND code, tl.dot input_precision) of a precision mode."""
+    from ..kernels import fused_mlp as KM
+
+    dot_kind = {"fp16": KM.DOT_FP16, "bf16": KM.DOT_BF16}.get(precision, KM.DOT_FP32).value
+    return dot_kind, "ieee" if precision in _DOT_DTYPES else precision
+
+
 def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, point_bias, points,
-                   noise, o: _Options, precision: str) -> torch.Tensor:
-    """One launch; returns [B, N, out] in the fields' dtype."""
+                   noise, o: _Options, precision: str, save: bool = False) -> tuple:
+    """One launch; returns (y [B, N, out] in the fields' dtype, z, f): with save, what the
+    backward reads (layout in kernels/cfc.py cfc_decode_fwd_kernel), else None, None."""
     import triton
 
     from ..kernels import cfc as K
-    from ..kernels import fused_mlp as KM
     from .grid_lookup import _kernel_dtype, _kernel_layout, _rows, _Spec, _table, _vector_width
 
     B, N, DIM = coords.shape
@@ -476,14 +484,20 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
                           torch.zeros(L, device=dev) for blk, per in zip(blocks, noise)])
     inner = [max([g.block_n] + _layer_outs(blk)[:L - 1]) for blk in blocks]
     y = torch.empty(B, N, OUT, device=dev, dtype=dtype)
-    dot_kind = {"fp16": KM.DOT_FP16, "bf16": KM.DOT_BF16}.get(precision, KM.DOT_FP32).value
-    prec = "ieee" if precision in _DOT_DTYPES else precision
+    z = f = None
+    if save:  # zeros: columns past a layer's inner width are never written
+        z = torch.zeros(len(blocks), L + 1, B * N, g.hidden, device=dev, dtype=torch.float32)
+        f = torch.empty(len(blocks), B * N, g.features, device=dev, dtype=torch.float32)
+        for k, blk in enumerate(blocks):
+            if blk.scale is None:  # a block without features: defined zeros all the same
+                f[k].zero_()
+    dot_kind, prec = _dot_config(precision)
     tiles = triton.cdiv(N, g.block_m)
     channels = constant_table(tuple(lookup.channels), torch.int32, dev)
     K.cfc_decode_fwd_kernel[(B * tiles,)](
         coords.contiguous(), _table(rows, dev), channels,
-        None if points is None else points.contiguous(), w, vec, pw, nw, noise_table, y,
-        N, pin, OUT, tiles, 0 if w.shape[0] == 1 else w.stride(0),
+        None if points is None else points.contiguous(), w, vec, pw, nw, noise_table, y, z, f,
+        N, B * N, pin, OUT, tiles, 0 if w.shape[0] == 1 else w.stride(0),
         0 if vec.shape[0] == 1 else vec.stride(0), float(o.leaky_slope), float(o.leaky_gain),
         float(o.residual_gain), float(o.out_activation or 0.0),
         NUM_BLOCKS=len(blocks), LAYERS=L, BLOCK_KIND=BLOCK_KINDS.index(o.block),
@@ -498,10 +512,294 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
         BORDER=o.padding_mode == "border", DTYPE=_kernel_dtype(dtype),
         VEC=_vector_width(rows, flat[0].element_size()),
         NOISE_DTYPE=_kernel_dtype(noise_dtype), PIN_PAD=g.point_in, OUT_PAD=g.out,
-        OUT_ACT=o.out_activation is not None, DOT_KIND=dot_kind, PRECISION=prec,
+        OUT_ACT=o.out_activation is not None, DOT_KIND=dot_kind, PRECISION=prec, SAVE=save,
         BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.num_warps,
         num_stages=g.num_stages)
-    return y
+    return y, z, f
+
+
+# ---------------------------------------------------------------------- fused backward
+# The backward reads what the saving forward wrote (every z_l, each block's output h and
+# features f, float32) and never re-runs the blocks. Per layer, back to front:
+#   dz_{l-1} = (dz_l W_l) * feed'(z_{l-1}) and a_{l-1} = feed(z_{l-1}): kernels/fused_mlp.py's
+#     fused_mlp_bwd_layer_kernel (its epilogue also sums the bias gradient per sample);
+#   dx = dz W for the split first layer, the skip and the output layer: the same kernel
+#     without the epilogue (HIDDEN=False);
+#   dW = dz^T x: one bmm per matrix with the mode's operands (fused_mlp's _weight_grad);
+#   df_k into the fields and coords: grid_lookup's backward kernel, once for all scales.
+# What remains is elementwise (relu masks, residual gains, noise sums) in PyTorch.
+
+
+@dataclasses.dataclass
+class _Backward:
+    """One call's backward state: the packed weights, shapes and launch configuration."""
+
+    w: torch.Tensor
+    g: _Geometry
+    o: _Options
+    B: int
+    N: int
+    L: int
+    precision: str
+    act_table: torch.Tensor
+    wanted: set
+
+    @property
+    def M(self) -> int:
+        return self.B * self.N
+
+    def want(self, t) -> bool:
+        return t is not None and id(t) in self.wanted
+
+    def block_width(self) -> int:
+        return self.g.block_width(self.L)
+
+    def matrix(self, k: int, index: int) -> tuple:
+        """(view at block k's packed matrix `index`, its row length): 0 W_h, 1 W_f,
+        1 + l W_l, L + 1 S_h, L + 2 S_f (kernels/cfc.py's layout)."""
+        H, FP = self.g.hidden, self.g.features
+        cols = [H, FP] + [H] * (self.L - 1) + [H, FP]
+        start = k * self.block_width() + H * sum(cols[:index])
+        return self.w[:, start:], cols[index]
+
+    def launch_layer(self, dz, w_view, row, hidden_layer=None, z=None):
+        """fused_mlp_bwd_layer_kernel: dz [M, rows of W] float32 times W ([rows, row]).
+        hidden_layer (an index into z's planes): returns (dz of that layer, a of it, the
+        per-sample column sums of dz [B, H]); else dz W [M, row] float32."""
+        import triton
+
+        from ..kernels import fused_mlp as KM
+
+        H, tiles = self.g.hidden, triton.cdiv(self.N, _BWD_BLOCK_M)
+        hidden = hidden_layer is not None
+        cols = H if hidden else row
+        block_n = min(128 if hidden else 64, cols)
+        dev = dz.device
+        dst = torch.empty(self.M, cols, device=dev, dtype=torch.float32)
+        a = torch.empty(self.M, H, device=dev, dtype=_DOT_DTYPES.get(self.precision, torch.float32)) \
+            if hidden else None
+        part = torch.empty(4, self.B, tiles, H, device=dev, dtype=torch.float32) if hidden else None
+        dot_kind, prec = _dot_config(self.precision)
+        KM.fused_mlp_bwd_layer_kernel[(self.B * tiles, triton.cdiv(cols, block_n))](
+            dz, w_view, z, None, None, None, self.act_table, dst, a, part, self.N, self.M, cols,
+            hidden_layer if hidden else 0, tiles, 0 if w_view.shape[0] == 1 else w_view.stride(0),
+            0, 0, 0, K=dz.shape[1], ROW=row, HID_PAD=H,
+            ACT=(KM.LEAKY_RELU if self.o.block == "styled" else KM.RELU).value, HIDDEN=hidden,
+            SINE_KIND=0, DOT_KIND=dot_kind, PRECISION=prec, BLOCK_M=_BWD_BLOCK_M,
+            BLOCK_N=block_n, BLOCK_K=min(32, pad_pow2(dz.shape[1])), num_warps=8)
+        if not hidden:
+            return dst
+        return dst, a, part[0].sum(1)
+
+    def weight_grad(self, dz, x, like) -> Optional[torch.Tensor]:
+        """dz^T x per sample ([M, out] x [M, in], true widths), reduced to like's shape."""
+        from .fused_mlp import _weight_grad
+
+        if not self.want(like):
+            return None
+        out, cin = like.shape[-2:]
+        dw = _weight_grad(dz[:, :out].reshape(self.B, self.N, out).transpose(1, 2),
+                          x[:, :cin].reshape(self.B, self.N, cin), self.precision)
+        return _reduced(dw, like)
+
+    def bias_grad(self, sums, like) -> Optional[torch.Tensor]:
+        """sums [B, >= out] per-sample column sums, reduced to like's shape."""
+        return _reduced(sums[:, :like.shape[-1]], like) if self.want(like) else None
+
+    def col_sums(self, dz) -> torch.Tensor:
+        return dz.view(self.B, self.N, -1).sum(1)
+
+
+_BWD_BLOCK_M = 64
+
+
+def _add(out: dict, t, grad) -> None:
+    """out[id(t)] += grad: one tensor may fill several slots (a noise input shared by the
+    layers, a bias shared by blocks), and its gradient is the sum."""
+    if grad is not None:
+        out[id(t)] = grad if id(t) not in out else out[id(t)] + grad
+
+
+def _reduced(grad_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample gradient [B, ...] in the parameter's shape (summed when shared)."""
+    grad = grad_b.sum(0) if like.dim() == grad_b.dim() - 1 else grad_b
+    return grad.to(like.dtype)
+
+
+def _feature_grad_columns(dw: torch.Tensor, g: _Geometry, o: _Options, channels: int):
+    """The inverse of _feature_columns: padded feature columns back to W_f's own."""
+    if o.combine != "concat":
+        return dw[..., :channels]
+    P = len(o.planes)
+    return dw.unflatten(-1, (g.plane_slots, g.channels))[..., :P, :channels].flatten(-2)
+
+
+def _leaky_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
+    """d leaky_relu / dx as torch's backward takes it (slope at and below zero)."""
+    return torch.where(x > 0, 1.0, slope)
+
+
+def _noise_grads(st: _Backward, blk: SplitBlock, per_layer, l: int, dz, out: dict) -> None:
+    """Gradients of block noise input n_l [B, N] and of its weight w_l from dz_l."""
+    width = _layer_outs(blk)[l]
+    rows = dz[:, :width].sum(1).view(st.B, st.N)
+    n = per_layer[l]
+    if st.want(n):
+        _add(out, n, (rows * blk.noise_weights[l].float()).to(n.dtype))
+    if st.want(blk.noise_weights):
+        onehot = torch.zeros(st.L, device=dz.device)
+        onehot[l] = 1.0
+        _add(out, blk.noise_weights, (onehot * (rows * n.float()).sum()).to(blk.noise_weights.dtype))
+
+
+def _block_backward(st: _Backward, k: int, blk: SplitBlock, dh, zs, f_k, h_in, noise_k,
+                    out: dict) -> tuple:
+    """Back through block k from dh (its output's gradient, [M, H] float32): fills out
+    with the block's parameter gradients, returns (d h_in or None, d f_k or None)."""
+    o, L, H = st.o, st.L, st.g.hidden
+    dr = dh * o.residual_gain
+    dh_in = df = None
+    if blk.skip_hidden is None and blk.skip_feature is None:
+        dh_in = dr
+    else:
+        if blk.skip_hidden is not None:
+            _add(out, blk.skip_hidden, st.weight_grad(dr, h_in, blk.skip_hidden))
+            dh_in = st.launch_layer(dr, *st.matrix(k, L + 1))
+        if blk.skip_feature is not None:
+            _add(out, blk.skip_feature, _features_weight_grad(st, dr, f_k, blk))
+            df = st.launch_layer(dr, *st.matrix(k, L + 2))
+        _add(out, blk.skip_bias, st.bias_grad(st.col_sums(dr), blk.skip_bias))
+    z_last = zs[k * (L + 1) + L - 1]
+    dz = dr * (o.leaky_gain * _leaky_grad(z_last, o.leaky_slope)) if o.block == "styled" else dr
+    sums = None
+    for l in range(L - 1, 0, -1):
+        if noise_k is not None:
+            _noise_grads(st, blk, noise_k, l, dz, out)
+        dz_prev, a_prev, sums_prev = st.launch_layer(dz, *st.matrix(k, 1 + l),
+                                                     hidden_layer=k * (L + 1) + l - 1, z=zs)
+        w_l = blk.weights[l - 1]
+        _add(out, w_l, st.weight_grad(dz, a_prev, w_l))
+        _add(out, blk.biases[l], st.bias_grad(st.col_sums(dz) if sums is None else sums,
+                                              blk.biases[l]))
+        dz, sums = dz_prev, sums_prev
+    if noise_k is not None:
+        _noise_grads(st, blk, noise_k, 0, dz, out)
+    _add(out, blk.biases[0], st.bias_grad(st.col_sums(dz) if sums is None else sums, blk.biases[0]))
+    relu = o.block == "resnet_fc"  # the block input fed as relu(x)
+    if blk.hidden_weight is not None:
+        x_h = torch.relu(h_in) if relu else h_in
+        _add(out, blk.hidden_weight, st.weight_grad(dz, x_h, blk.hidden_weight))
+        d = st.launch_layer(dz, *st.matrix(k, 0))
+        d = d * (h_in > 0) if relu else d
+        dh_in = d if dh_in is None else dh_in + d
+    if blk.feature_weight is not None:
+        x_f = torch.relu(f_k) if relu else f_k
+        _add(out, blk.feature_weight, _features_weight_grad(st, dz, x_f, blk,
+                                                            like=blk.feature_weight))
+        d = st.launch_layer(dz, *st.matrix(k, 1))
+        d = d * (f_k > 0) if relu else d
+        df = d if df is None else df + d
+    return dh_in, df
+
+
+def _features_weight_grad(st: _Backward, dz, f, blk: SplitBlock, like=None):
+    """dz^T f for a matrix reading the padded features (W_f or S_f), in its own columns."""
+    from .fused_mlp import _weight_grad
+
+    like = blk.skip_feature if like is None else like
+    if not st.want(like):
+        return None
+    out = like.shape[-2]
+    dw = _weight_grad(dz[:, :out].reshape(st.B, st.N, out).transpose(1, 2),
+                      f.reshape(st.B, st.N, -1), st.precision)
+    channels = like.shape[-1] // (len(st.o.planes) if st.o.combine == "concat" else 1)
+    return _reduced(_feature_grad_columns(dw, st.g, st.o, channels), like)
+
+
+def kernel_backward(coords, fields, blocks, out_weight, out_bias, point_weight, point_bias, points,
+                    noise, o: _Options, precision: str, grad_y, z, f, wanted: set) -> dict:
+    """Gradients of the readout from the saving forward's z and f: {id(tensor): grad} for
+    the tensors in `wanted` (ids), coords and fields included."""
+    B, N, _ = coords.shape
+    L, K, OUT = blocks[0].num_layers, len(blocks), out_weight.shape[-2]
+    dev = coords.device
+    dot_dtype = _DOT_DTYPES.get(precision, torch.float32)
+    pin = 0 if point_weight is None else point_weight.shape[-1]
+    g = _Geometry.of(blocks, fields, o, OUT, max(pin, 1), dot_dtype)
+    w = _pack_weights(blocks, out_weight, g, o, fields, B, dot_dtype)
+    acts = torch.tensor([[0.0, o.leaky_slope, o.leaky_gain]] * (K * (L + 1)), device=dev)
+    st = _Backward(w, g, o, B, N, L, precision, acts.flatten(), wanted)
+    M, H = B * N, g.hidden
+    zs = z.view(K * (L + 1), M, H)
+    out: dict = {}
+    gy = grad_y.reshape(M, OUT).float().contiguous()
+    h_last = zs[K * (L + 1) - 1]
+    slope_o = o.out_activation
+    x_out = h_last if slope_o is None else torch.nn.functional.leaky_relu(h_last, slope_o)
+    _add(out, out_weight, st.weight_grad(gy, x_out, out_weight))
+    _add(out, out_bias, st.bias_grad(st.col_sums(gy), out_bias))
+    dh = st.launch_layer(gy, st.w[:, K * st.block_width():], H)
+    if slope_o is not None:
+        dh = dh * _leaky_grad(h_last, slope_o)
+    dfeatures: dict = {}
+    for k in range(K - 1, -1, -1):
+        blk = blocks[k]
+        if k == 0 and point_weight is not None:
+            _point_backward(st, dh, points, point_weight, point_bias, out)
+        h_in = zs[(k - 1) * (L + 1) + L] if k > 0 else None
+        f_k = f[k] if blk.scale is not None else None
+        dh, df = _block_backward(st, k, blk, dh, zs, f_k, h_in, None if noise is None else noise[k],
+                                 out)
+        if df is not None:
+            dfeatures[blk.scale] = df if blk.scale not in dfeatures else dfeatures[blk.scale] + df
+    _lookup_backward(st, coords, fields, dfeatures, out)
+    return out
+
+
+def _point_backward(st: _Backward, dh, points, point_weight, point_bias, out: dict) -> None:
+    """h += P p + c after block 0, in float32 (as the forward)."""
+    H = point_weight.shape[-2]
+    dhb = dh[:, :H].reshape(st.B, st.N, H)
+    if st.want(point_weight):
+        _add(out, point_weight, _reduced(torch.bmm(dhb.transpose(1, 2), points.float()),
+                                         point_weight))
+    _add(out, point_bias, st.bias_grad(dhb.sum(1), point_bias))
+    if st.want(points):
+        _add(out, points, _linear_t(dhb, point_weight).to(points.dtype))
+
+
+def _linear_t(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dy [B, N, out] times a shared [out, in] or per-sample [B, out, in] weight."""
+    return torch.matmul(dy, weight.float())
+
+
+def _lookup_backward(st: _Backward, coords, fields, dfeatures: dict, out: dict) -> None:
+    """The features' gradients into coords and fields: grid_lookup's backward kernel, one
+    launch per scale, on the features of every scale a block reads (zero elsewhere)."""
+    from .grid_lookup import _Spec
+    from .grid_lookup import kernel_backward as lookup_backward
+
+    flat = [fld for scale in fields for fld in scale]
+    needs = [st.want(coords)] + [st.want(fld) for fld in flat]
+    if not any(needs) or not dfeatures:
+        return
+    o, g = st.o, st.g
+    spec = _Spec(o.planes, flat, o.combine, o.align_corners, o.padding_mode)
+    parts = []
+    for s in range(spec.num_scales):
+        df = dfeatures.get(s)
+        if df is None:
+            parts.append(torch.zeros(st.M, spec.width(s), device=coords.device))
+        elif o.combine == "concat":
+            parts.append(df.view(st.M, g.plane_slots, g.channels)[:, :len(o.planes),
+                                                                    :spec.channels[s]].flatten(1))
+        else:
+            parts.append(df[:, :spec.channels[s]])
+    grad = torch.cat(parts, 1).view(st.B, st.N, -1)
+    grads = lookup_backward(spec, grad, coords, flat, needs)
+    for t, gr in zip([coords, *flat], grads):
+        if gr is not None:
+            _add(out, t, gr)
 
 
 # ------------------------------------------------------------------------- registration
@@ -582,33 +880,107 @@ def _use_kernel(coords, scales, params, program, o: _Options, setting: str) -> b
     return False
 
 
+def _kernel_runs(coords, scales, params, program, o: _Options, setting: str) -> bool:
+    """_use_kernel's answer without its records and warnings (for fake tensors)."""
+    flat = [f for scale in scales for f in scale]
+    return coords.shape[0] * coords.shape[1] > 0 and \
+        backend.resolve("cfc_decode", coords, *flat, *params, setting=setting) == "triton" and \
+        _refusal_of(program[0], scales, program[1], program[3], o) is None
+
+
+def _program_of(fields, points, params, noise, layout, plane_axes, plane_ranks, combine,
+                align_corners, padding_mode, block, constants) -> tuple:
+    """(options, scales, points or None, blocks, out_weight, out_bias, point_weight,
+    point_bias, noise lists) of the op's arguments."""
+    o = _options(plane_axes, plane_ranks, combine, align_corners, padding_mode, block, constants)
+    P = len(o.planes)
+    scales = [list(fields[s:s + P]) for s in range(0, len(fields), P)]
+    return (o, scales, points[0] if points else None) + _unflatten(params, noise, layout)
+
+
 @torch.library.custom_op("nfd_fast::cfc_decode", mutates_args=())
 def _cfc_decode_op(coords: torch.Tensor, fields: List[torch.Tensor], points: List[torch.Tensor],
                    params: List[torch.Tensor], noise: List[torch.Tensor], layout: List[int],
                    plane_axes: List[int], plane_ranks: List[int], combine: str,
                    align_corners: bool, padding_mode: str, block: str, constants: List[float],
-                   precision: str, backend_setting: str) -> torch.Tensor:
-    o = _options(plane_axes, plane_ranks, combine, align_corners, padding_mode, block, constants)
-    program = _unflatten(params, noise, layout)
-    P = len(o.planes)
-    scales = [list(fields[s:s + P]) for s in range(0, len(fields), P)]
-    pts = points[0] if points else None
-    if not _use_kernel(coords, scales, params, program, o, backend_setting):
-        blocks, ow, ob, pw, pb, nz = program
-        return reference_cfc_decode(coords, scales, blocks, ow, ob, pw, pb, pts, nz, o)
-    blocks, ow, ob, pw, pb, nz = program
-    return kernel_forward(coords, scales, blocks, ow, ob, pw, pb, pts, nz, o, precision)
+                   precision: str, save: bool, backend_setting: str
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y [B, N, out] and, with save where the kernel runs, the backward's z and f (layout
+    in kernels/cfc.py; empty otherwise)."""
+    o, scales, pts, blocks, ow, ob, pw, pb, nz = _program_of(
+        fields, points, params, noise, layout, plane_axes, plane_ranks, combine, align_corners,
+        padding_mode, block, constants)
+    if not _use_kernel(coords, scales, params, (blocks, ow, ob, pw), o, backend_setting):
+        y = reference_cfc_decode(coords, scales, blocks, ow, ob, pw, pb, pts, nz, o)
+        return y, empty_f32(coords), empty_f32(coords)
+    y, z, f = kernel_forward(coords, scales, blocks, ow, ob, pw, pb, pts, nz, o, precision, save)
+    return y, empty_f32(coords) if z is None else z, empty_f32(coords) if f is None else f
 
 
 @_cfc_decode_op.register_fake
 def _cfc_decode_fake(coords, fields, points, params, noise, layout, plane_axes, plane_ranks,
-                     combine, align_corners, padding_mode, block, constants, precision,
+                     combine, align_corners, padding_mode, block, constants, precision, save,
                      backend_setting):
-    out_weight = _unflatten(params, noise, layout)[1]
-    return coords.new_empty(*coords.shape[:2], out_weight.shape[-2], dtype=fields[0].dtype)
+    o, scales, _, blocks, ow, ob, pw, _, _ = _program_of(
+        fields, points, params, noise, layout, plane_axes, plane_ranks, combine, align_corners,
+        padding_mode, block, constants)
+    B, N, _ = coords.shape
+    y = coords.new_empty(B, N, ow.shape[-2], dtype=fields[0].dtype)
+    if not save or not _kernel_runs(coords, scales, params, (blocks, ow, ob, pw), o,
+                                    backend_setting):
+        return y, empty_f32(coords), empty_f32(coords)
+    pin = 1 if pw is None else pw.shape[-1]
+    g = _Geometry.of(blocks, scales, o, ow.shape[-2], pin,
+                     _DOT_DTYPES.get(precision, torch.float32))
+    K, L = len(blocks), blocks[0].num_layers
+    return (y, coords.new_empty(K, L + 1, B * N, g.hidden, dtype=torch.float32),
+            coords.new_empty(K, B * N, g.features, dtype=torch.float32))
 
 
-_GROUPS = (0, 1, 2, 3, 4)  # coords, fields, points, params, noise among the op's inputs
+_TENSOR_ARGS = 5  # coords, fields, points, params, noise lead the op's arguments
+
+
+@torch.library.custom_op("nfd_fast::cfc_decode_backward", mutates_args=())
+def _cfc_decode_backward_op(grad_y: torch.Tensor, z: torch.Tensor, f: torch.Tensor,
+                            coords: torch.Tensor, fields: List[torch.Tensor],
+                            points: List[torch.Tensor], params: List[torch.Tensor],
+                            noise: List[torch.Tensor], layout: List[int], plane_axes: List[int],
+                            plane_ranks: List[int], combine: str, align_corners: bool,
+                            padding_mode: str, block: str, constants: List[float],
+                            precision: str, needs: List[bool]) -> List[torch.Tensor]:
+    """First-order gradients of [coords, *fields, *points, *params, *noise] (empty where not
+    needed): the fused backward from the saved z and f, or (nothing saved: the forward ran
+    the reference) the reference's VJP."""
+    flat = [coords, *fields, *points, *params, *noise]
+    options = [plane_axes, plane_ranks, combine, align_corners, padding_mode, block, constants]
+    if z.numel() == 0:
+        grads = _reference_vjp((coords, fields, points, params, noise, layout, *options),
+                               grad_y, needs, create_graph=False)
+        return zeros_where_absent(grads, coords)
+    o, scales, pts, blocks, ow, ob, pw, pb, nz = _program_of(
+        fields, points, params, noise, layout, *options)
+    wanted = {id(t) for t, need in zip(flat, needs) if need}
+    by_id = kernel_backward(coords, scales, blocks, ow, ob, pw, pb, pts, nz, o, precision,
+                            grad_y, z, f, wanted)
+    grads, seen = [], set()
+    for t, need in zip(flat, needs):
+        if not need:
+            grads.append(empty_f32(coords))
+        elif id(t) in seen:  # a tensor in several slots: its whole gradient went to the first
+            grads.append(torch.zeros_like(t))
+        else:
+            seen.add(id(t))
+            gr = by_id.get(id(t))  # none: the tensor does not reach the output
+            grads.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype))
+    return grads
+
+
+@_cfc_decode_backward_op.register_fake
+def _cfc_decode_backward_fake(grad_y, z, f, coords, fields, points, params, noise, layout,
+                              plane_axes, plane_ranks, combine, align_corners, padding_mode,
+                              block, constants, precision, needs):
+    flat = [coords, *fields, *points, *params, *noise]
+    return [torch.empty_like(t) if need else empty_f32(coords) for t, need in zip(flat, needs)]
 
 
 def _reference_vjp(inputs, grad_out, needs, create_graph):
@@ -634,28 +1006,41 @@ def _reference_vjp(inputs, grad_out, needs, create_graph):
 
 def _setup_context(ctx, inputs, output):
     coords, fields, points, params, noise, *options = inputs
+    _, z, f = output
+    # z and f get no gradient: without this autograd would fill zeros as large as them
+    ctx.mark_non_differentiable(z, f)
+    ctx.set_materialize_grads(False)
     ctx.options = options
     ctx.sizes = (len(fields), len(points), len(params), len(noise))
-    ctx.save_for_backward(coords, *fields, *points, *params, *noise)
+    ctx.save_for_backward(z, f, coords, *fields, *points, *params, *noise)
 
 
-def _backward(ctx, grad_out):
-    """The reference's VJP on every backend (no fused backward kernel); differentiable
-    again under create_graph."""
-    saved = list(ctx.saved_tensors)
-    nf, npts, nprm, nnz = ctx.sizes
-    groups, i = [saved[0]], 1
-    for size in ctx.sizes:
-        groups.append(saved[i:i + size])
+def _regroup(flat, sizes) -> list:
+    """[coords, fields..., points..., params..., noise...] -> [coords, [..], [..], [..], [..]]."""
+    out, i = [flat[0]], 1
+    for size in sizes:
+        out.append(list(flat[i:i + size]))
         i += size
+    return out
+
+
+def _backward(ctx, grad_out, _grad_z, _grad_f):
+    """The fused backward (nfd_fast::cfc_decode_backward) on the saved z and f; under
+    create_graph the reference's VJP, differentiable again."""
+    if grad_out is None:  # (grads are not materialised: y took no part in the loss)
+        return (None,) * (_TENSOR_ARGS + len(ctx.options))
+    z, f, *saved = ctx.saved_tensors
+    groups = _regroup(saved, ctx.sizes)
     ng = ctx.needs_input_grad
     needs = [ng[0], *ng[1], *ng[2], *ng[3], *ng[4]]
-    grads = _reference_vjp((*groups, *ctx.options), grad_out, needs, torch.is_grad_enabled())
-    out, i = [grads[0]], 1
-    for size in ctx.sizes:
-        out.append(list(grads[i:i + size]))
-        i += size
-    return tuple(out) + (None,) * 10
+    layout, *options = ctx.options[:9]
+    if torch.is_grad_enabled():
+        grads = _reference_vjp((*groups, layout, *options), grad_out, needs, True)
+    else:
+        raw = torch.ops.nfd_fast.cfc_decode_backward(grad_out, z, f, *groups, layout, *options,
+                                                     needs)
+        grads = [g if need else None for g, need in zip(raw, needs)]
+    return tuple(_regroup(grads, ctx.sizes)) + (None,) * len(ctx.options)
 
 
 _cfc_decode_op.register_autograd(_backward, setup_context=_setup_context)
@@ -711,8 +1096,13 @@ def cfc_decode(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
                                           noise)
     constants = [o.leaky_slope, o.leaky_gain, o.residual_gain,
                  math.nan if o.out_activation is None else o.out_activation]
-    return torch.ops.nfd_fast.cfc_decode(
-        coords, [f for scale in fields for f in scale], [] if point_weight is None else [points],
-        params, noise_flat, layout, [a for axes in planes for a in axes],
-        [len(axes) for axes in planes], combine, o.align_corners, padding_mode, block, constants,
-        precision, backend.get_backend())
+    flat_fields = [f for scale in fields for f in scale]
+    point_list = [] if point_weight is None else [points]
+    # saving z and f only pays when a backward can follow
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in [coords, *flat_fields, *point_list, *params, *noise_flat])
+    y, _, _ = torch.ops.nfd_fast.cfc_decode(
+        coords, flat_fields, point_list, params, noise_flat, layout,
+        [a for axes in planes for a in axes], [len(axes) for axes in planes], combine,
+        o.align_corners, padding_mode, block, constants, precision, save, backend.get_backend())
+    return y
