@@ -150,6 +150,24 @@ def test_kernel_matches_the_reference_outputs_and_gradients(name, fused_backward
         assert rel_err(a, b) < 2e-5, (key, rel_err(a, b))
 
 
+def test_gradients_of_noise_inputs_and_tensors_in_several_slots(fused_backwards):
+    """The noise inputs' gradients, and tensors that fill several slots (one noise input
+    for two layers, one bias for two blocks): each gets the sum over its uses."""
+    args, kwargs = case_inputs("resnet_fc_four_layers_mean_noise", N=11)
+    blocks = args[3]
+    noise = [[rand(2, 11, scale=1.0) for _ in range(4)], None, None]
+    noise[0][2] = noise[0][0]
+    kwargs["noise"] = noise
+    blocks[2].biases[3] = blocks[1].biases[3]
+    named = leaves(args, kwargs)
+    named.update({f"noise[0][{l}]": n for l, n in enumerate(noise[0])})
+    out, grads = run("triton", args, kwargs, named)
+    ref, ref_grads = run("torch", args, kwargs, named)
+    assert fused_backwards == [1] and rel_err(out, ref) < 2e-5
+    for key, a, b in zip(named, grads, ref_grads):
+        assert rel_err(a, b) < 2e-5, (key, rel_err(a, b))
+
+
 def test_float16_kernel_against_the_float32_reference(fused_backwards):
     """float16 inputs: the kernel (float16 dot operands, float32 accumulation) against the
     reference in float32 on the same float16 numbers."""

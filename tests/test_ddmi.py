@@ -419,6 +419,33 @@ def test_fused_readouts_with_noise_and_concatenated_planes(cfc_op_calls):
     assert len(cfc_op_calls) == 2
 
 
+def test_readouts_train_one_step_equal_on_both_backends(monkeypatch):
+    """One training step of each readout (loss and every parameter's gradient) on the fused
+    forward and backward against the reference: the image readout with noise, the shape
+    readout's point layer, the video readout's concatenated planes and leaky output."""
+    from conftest import assert_backends_agree_on_a_step
+
+    from nfd_fast.ops import cfc as cfc_ops
+
+    backwards = []
+    inner = cfc_ops.kernel_backward
+    monkeypatch.setattr(cfc_ops, "kernel_backward",
+                        lambda *a, **k: backwards.append(1) or inner(*a, **k))
+    torch.manual_seed(8)
+    fields, coords = image_inputs(C=3, N=11, dtype=torch.float32, sizes=(3, 5, 7))
+    noise = [torch.randn(2, 11) for _ in range(12)]
+    weight = torch.randn(2, 11, 3)
+    r = small_image_readout(torch.float32, field_channels=3, hidden=19)
+    assert_backends_agree_on_a_step(r, lambda m: (m(fields, coords, 0.8, noise=noise) * weight).sum())
+    s = randomize_(ShapeReadout(field_channels=3, hidden=8)).float()
+    sf, points = shape_inputs(C=3, N=7, dtype=torch.float32)
+    assert_backends_agree_on_a_step(s, lambda m: m(sf, points).square().mean())
+    v = randomize_(VideoReadout(field_channels=3, hidden=12)).float()
+    vf, vc = video_inputs(C=3, N=9, dtype=torch.float32)
+    assert_backends_agree_on_a_step(v, lambda m: m(vf, vc).square().mean())
+    assert len(backwards) == 3
+
+
 def test_cfc_decoder_float16_on_the_kernels():
     r = small_image_readout(torch.float32, field_channels=4, hidden=16)
     fields, coords = image_inputs(C=4, N=9, dtype=torch.float32, sizes=(3, 5, 7))
