@@ -2,10 +2,11 @@
 README's SIREN (2 -> 256 x 3 -> 3, SIREN init, w0 = 30): `python benchmarks/precision_errors.py`.
 
 Every mode is measured on the CPU by emulation: the reference with the dot operands rounded
-as that mode's tensor cores round them (tf32, bf16, fp16 mantissas; tf32x3's three-product
-split) and float32 accumulation, the first layer in float32 as in the kernels. The float32
-"ieee" rows also run the kernel itself (through the Triton interpreter on a CPU, compiled
-on a GPU), with and without fast_sine.
+as that mode's tensor cores round them (tf32, bf16, fp16 mantissas; tf32x3's and bf16x3's
+three-product splits) and float32 accumulation, the first layer in float32 as in the
+kernels. The float32 "ieee" rows also run the kernel itself (through the Triton interpreter
+on a CPU, compiled on a GPU), with and without fast_sine, and so does "bf16x3" (on a CPU
+the interpreter sums its exact bfloat16 pieces in float32 dots; on a GPU, wgmma).
 """
 import os
 import sys
@@ -21,10 +22,10 @@ from nfd_fast.ops.fused_mlp import fused_mlp_emulated  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-EMULATED = [("float32", "ieee"), ("float32", "tf32x3"), ("float32", "tf32"),
-            ("float32", "fp16"), ("float32", "bf16"), ("float16", "fp16"),
+EMULATED = [("float32", "ieee"), ("float32", "tf32x3"), ("float32", "bf16x3"),
+            ("float32", "tf32"), ("float32", "fp16"), ("float32", "bf16"), ("float16", "fp16"),
             ("bfloat16", "bf16")]
-KERNEL = [("float32", "ieee", False), ("float32", "ieee", True)]
+KERNEL = [("float32", "ieee", False), ("float32", "ieee", True), ("float32", "bf16x3", False)]
 
 
 def rel(a, b):

@@ -58,10 +58,13 @@ MUFU_SINE = tl.constexpr(2)
 # the instruction, whatever process recorded its launch.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
-# Dot operand kinds.
+# Dot operand kinds. DOT_BF16X3: float32 operands, each the sum of two bfloat16 pieces
+# (hi + mid, about 16 significant bits), their product the three significant cross terms
+# on the 16-bit tensor cores (see _split_dot); the weights arrive split by the host.
 DOT_FP32 = tl.constexpr(0)
 DOT_FP16 = tl.constexpr(1)
 DOT_BF16 = tl.constexpr(2)
+DOT_BF16X3 = tl.constexpr(3)
 
 _INV_2PI = tl.constexpr(0.15915494309189535)
 # 2*pi split in two (Cody-Waite) so k * _TWO_PI_HI is exact for |k| < 2^16
@@ -199,13 +202,63 @@ def _activation_grad(u, act_ptr, layer, ACT: tl.constexpr, SINE_KIND: tl.constex
 
 
 @triton.jit
-def _matmul(a, b, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b with float32 accumulation; a is cast to b's kind (if it is not already)."""
+def _matmul(a, b, b_mid, acc, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with float32 accumulation; a is cast to b's kind (if it is not already).
+    DOT_BF16X3: b + b_mid is the split weight tile and a (float32) is split here (b_mid is
+    unused by the other kinds). The sum goes into acc itself, so a running accumulator
+    takes the dot in place (no second copy of it in registers)."""
     if DOT_KIND == DOT_FP32:
-        c = tl.dot(a, b, input_precision=PRECISION)
+        c = tl.dot(a, b, acc, input_precision=PRECISION)
+    elif DOT_KIND == DOT_BF16X3:
+        a_hi, a_mid = _split_bf16(a)
+        c = _split_dot(a_hi, a_mid, b, b_mid, acc)
     else:
-        c = tl.dot(_operand(a, DOT_KIND), b)
+        c = tl.dot(_operand(a, DOT_KIND), b, acc)
     return c
+
+
+@triton.jit
+def _round_to_bf16(a):
+    """a (float32) rounded to bfloat16, to nearest, ties to even. Under the interpreter,
+    whose float32 -> bfloat16 conversion truncates, the same rounding by hand, kept as
+    float32 (see _split_dot)."""
+    if INTERPRETED:
+        bits = a.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        r = tl.where(a != a, a, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+    else:
+        r = a.to(tl.bfloat16)
+    return r
+
+
+@triton.jit
+def _split_bf16(a):
+    """(hi, mid): a (float32) = hi + mid + r with hi, mid bfloat16 (8 significant bits
+    each), |mid| <= 2^-8 |a| and |r| <= 2^-16 |a|. An infinite hi leaves mid = 0 (Inf - Inf
+    would be NaN)."""
+    hi = _round_to_bf16(a)
+    hi32 = hi.to(tl.float32)
+    mid = _round_to_bf16(tl.where(tl.abs(hi32) == float("inf"), 0.0, a - hi32))
+    return hi, mid
+
+
+@triton.jit
+def _split_dot(a_hi, a_mid, b_hi, b_mid, acc):
+    """acc + (a_hi + a_mid) @ (b_hi + b_mid) without the a_mid b_mid term (at most 2^-16
+    of |a b|): three bfloat16 dots on the 16-bit tensor cores, float32 accumulation, the
+    small terms first. The interpreter's bfloat16 dot is wrong, so there the pieces (held
+    as float32, see _round_to_bf16) meet in float32 dots: every product of two bfloat16
+    values is exact in float32, so the sum is the tensor cores' up to the addition order."""
+    if INTERPRETED:
+        b_hi, b_mid = b_hi.to(tl.float32), b_mid.to(tl.float32)
+        acc = tl.dot(a_mid, b_hi, acc, input_precision="ieee")
+        acc = tl.dot(a_hi, b_mid, acc, input_precision="ieee")
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a_mid, b_hi, acc)
+        acc = tl.dot(a_hi, b_mid, acc)
+        acc = tl.dot(a_hi, b_hi, acc)
+    return acc
 
 
 @triton.jit
@@ -222,6 +275,19 @@ def _operand(a, DOT_KIND: tl.constexpr):
 def _load_weight_t(w_layer_ptr, k, n, ROW: tl.constexpr):
     """The tile W^T[k, n] = W[n, k] of one padded layer whose rows are ROW apart."""
     return tl.load(w_layer_ptr + n[None, :] * ROW + k[:, None])
+
+
+@triton.jit
+def _load_weight_pieces(w_layer_ptr, k, n, ROW: tl.constexpr, PIECE: tl.constexpr,
+                        DOT_KIND: tl.constexpr):
+    """(W^T[k, n], its mid piece PIECE elements further on) for DOT_BF16X3; for the other
+    kinds the tile twice (nothing more is loaded: the second is never read)."""
+    w = _load_weight_t(w_layer_ptr, k, n, ROW)
+    if DOT_KIND == DOT_BF16X3:
+        w_mid = _load_weight_t(w_layer_ptr + PIECE, k, n, ROW)
+    else:
+        w_mid = w
+    return w, w_mid
 
 
 @triton.jit
@@ -355,7 +421,8 @@ def fused_mlp_fwd_kernel(
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
     GRID_DIMS: tl.constexpr = 0, GRID_AXES: tl.constexpr = 0, TANGENTS: tl.constexpr = 0,
-    PADDED_WIDTHS: tl.constexpr = 0, FIRST_FMA: tl.constexpr = 0,
+    PADDED_WIDTHS: tl.constexpr = 0, FIRST_FMA: tl.constexpr = 0, PIECE: tl.constexpr = 0,
+    OUT_PASSES: tl.constexpr = 1,
 ):
     """y[b, rows] = MLP(x[b, rows]) for one tile of BLOCK_M rows. Programs run along grid
     axis 0 only (CUDA allows 2^31 - 1 there, 65,535 on axes 1 and 2): program pid is row
@@ -375,6 +442,18 @@ def fused_mlp_fwd_kernel(
     PADDED_WIDTHS: the hidden layers narrower than HID_PAD (see WIDTH_BASE); their padded
     units are zeroed after the activation. 0 (every hidden layer a power of two >= 16
     wide): nothing compiled.
+
+    DOT_BF16X3: w holds each layer's bfloat16 hi piece and, PIECE elements further on, its
+    mid piece; h is held split as the dots read it (h and h_mid, bfloat16), split once per
+    layer, and every chunk's activations are split before their dot.
+
+    OUT_PASSES > 1 (DOT_BF16X3, odd NUM_LAYERS, OUT_PAD <= BLOCK_OUT, no tangents): the
+    last pair's layer b is produced in OUT_PASSES passes of HID_PAD / OUT_PASSES columns,
+    each recomputing layer a and going straight into the lone output layer's accumulator
+    (its K split the same way). Split h takes twice the registers of a 16-bit one: beside
+    a full-width float32 accumulator it spills heavily; beside a half-width one far less
+    (sm_90a, SIREN 2 -> 256 x 3 -> 3: 147 -> 57 local loads per loop iteration), for one
+    more pass of layer a's dots.
 
     Absent tensors are None (bias, modulations, z, zf): their code is compiled out. Given
     z_ptr, the pre-activations z_l of the hidden layers go there ([L-1, M, HID_PAD]
@@ -401,6 +480,8 @@ def fused_mlp_fwd_kernel(
                     mask=row_ok[:, None] & (cin < IN)[None, :], other=0.0).to(tl.float32)
     cfull = tl.arange(0, HID_PAD)
     tl.static_assert(FIRST_FMA <= MAX_FIRST_FMA and (FIRST_FMA == 0 or TANGENTS == 0))
+    tl.static_assert(OUT_PASSES <= 1 or (DOT_KIND == DOT_BF16X3 and NUM_LAYERS % 2 == 1 and
+                                         TANGENTS == 0 and OUT_PAD <= BLOCK_OUT))
     if FIRST_FMA > 0:  # the coordinates' columns, split once (unused ones are not kept)
         x0, x1 = _column(h, cin, 0), _column(h, cin, 1)
         x2, x3 = _column(h, cin, 2), _column(h, cin, 3)
@@ -416,89 +497,125 @@ def fused_mlp_fwd_kernel(
             kk = tl.arange(0, IN_PAD)
         else:
             kk = cfull
-        if 2 * p + 1 == NUM_LAYERS - 1:
-            nb = tl.arange(0, OUT_PAD)
-            acc = tl.zeros((BLOCK_M, OUT_PAD), dtype=tl.float32)
-            if TANGENTS > 0:
-                tacc = tl.zeros((TANGENTS * BLOCK_M, OUT_PAD), dtype=tl.float32)
-        else:
-            nb = cfull
-            acc = tl.zeros((BLOCK_M, HID_PAD), dtype=tl.float32)
-            if TANGENTS > 0:
-                tacc = tl.zeros((TANGENTS * BLOCK_M, HID_PAD), dtype=tl.float32)
-        for j in range(0, HID_PAD, BLOCK_N):
-            cj = j + tl.arange(0, BLOCK_N)
-            w_b = _load_weight_t(w_base + (2 * p + 1) * D * D, cj, nb, D)
-            if p == 0 and FIRST_FMA > 0:  # the first layer in float32 in every mode
-                zc = _first_layer_fma(x0, x1, x2, x3, wf_base, cj, IN_PAD, FIRST_FMA)
-            elif p == 0:
-                w_a = _load_weight_t(wf_base, kk, cj, IN_PAD)
-                zc = _matmul(h, w_a, DOT_FP32, "ieee")
+        if 2 * p + 3 == NUM_LAYERS and OUT_PASSES > 1:  # streamed into the output layer
+            y_acc = tl.zeros((BLOCK_M, OUT_PAD), dtype=tl.float32)
+        for q in tl.static_range(OUT_PASSES if 2 * p + 3 == NUM_LAYERS else 1):
+            if 2 * p + 1 == NUM_LAYERS - 1:
+                nb = tl.arange(0, OUT_PAD)
+                acc = tl.zeros((BLOCK_M, OUT_PAD), dtype=tl.float32)
+                if TANGENTS > 0:
+                    tacc = tl.zeros((TANGENTS * BLOCK_M, OUT_PAD), dtype=tl.float32)
+            elif 2 * p + 3 == NUM_LAYERS and OUT_PASSES > 1:
+                nb = q * (HID_PAD // OUT_PASSES) + tl.arange(0, HID_PAD // OUT_PASSES)
+                acc = tl.zeros((BLOCK_M, HID_PAD // OUT_PASSES), dtype=tl.float32)
             else:
-                w_a = _load_weight_t(w_base + 2 * p * D * D, kk, cj, D)
-                zc = _matmul(h, w_a, DOT_KIND, PRECISION)
-            if b_ptr is not None:
-                zc += tl.load(b_ptr + b * stride_bb + 2 * p * D + cj)[None, :]
-            if z_ptr is not None:
-                tl.store(z_ptr + (2 * p * m64 + grow[:, None]) * HID_PAD + cj[None, :], zc,
-                         mask=row_ok[:, None])
-            if TANGENTS > 0:
-                if p == 0:
-                    tz = _matmul(t, w_a, DOT_FP32, "ieee")
+                nb = cfull
+                acc = tl.zeros((BLOCK_M, HID_PAD), dtype=tl.float32)
+                if TANGENTS > 0:
+                    tacc = tl.zeros((TANGENTS * BLOCK_M, HID_PAD), dtype=tl.float32)
+            for j in range(0, HID_PAD, BLOCK_N):
+                cj = j + tl.arange(0, BLOCK_N)
+                w_b, w_b_mid = _load_weight_pieces(w_base + (2 * p + 1) * D * D, cj, nb, D, PIECE,
+                                                   DOT_KIND)
+                z0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                if p == 0 and FIRST_FMA > 0:  # the first layer in float32 in every mode
+                    zc = _first_layer_fma(x0, x1, x2, x3, wf_base, cj, IN_PAD, FIRST_FMA)
+                elif p == 0:
+                    w_a = _load_weight_t(wf_base, kk, cj, IN_PAD)
+                    w_a_mid = w_a
+                    zc = _matmul(h, w_a, w_a, z0, DOT_FP32, "ieee")
                 else:
-                    tz = _matmul(t, w_a, DOT_KIND, PRECISION)
-                hc, thc = _tangent_modulate(zc, tz, cj, b,
-                                            2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
-                                            stride_sb, stride_tb, stride_mb, HID_PAD,
-                                            (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE,
-                                            SINE_KIND, TANGENTS, BLOCK_M, BLOCK_N,
-                                            (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
-                tacc += _matmul(thc, w_b, DOT_KIND, PRECISION)
+                    w_a, w_a_mid = _load_weight_pieces(w_base + 2 * p * D * D, kk, cj, D, PIECE,
+                                                       DOT_KIND)
+                    if DOT_KIND == DOT_BF16X3 and TANGENTS == 0:  # h held split
+                        zc = _split_dot(h, h_mid, w_a, w_a_mid, z0)
+                    else:
+                        zc = _matmul(h, w_a, w_a_mid, z0, DOT_KIND, PRECISION)
+                if b_ptr is not None:
+                    zc += tl.load(b_ptr + b * stride_bb + 2 * p * D + cj)[None, :]
+                if z_ptr is not None and q == 0:  # (later passes recompute the same zc)
+                    tl.store(z_ptr + (2 * p * m64 + grow[:, None]) * HID_PAD + cj[None, :], zc,
+                             mask=row_ok[:, None])
+                if TANGENTS > 0:
+                    tz0 = tl.zeros((TANGENTS * BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    if p == 0:
+                        tz = _matmul(t, w_a, w_a, tz0, DOT_FP32, "ieee")
+                    else:
+                        tz = _matmul(t, w_a, w_a_mid, tz0, DOT_KIND, PRECISION)
+                    hc, thc = _tangent_modulate(
+                        zc, tz, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                        stride_sb, stride_tb, stride_mb, HID_PAD,
+                        (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, SINE_KIND, TANGENTS, BLOCK_M,
+                        BLOCK_N, (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
+                    tacc = _matmul(thc, w_b, w_b_mid, tacc, DOT_KIND, PRECISION)
+                else:
+                    hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                                   stride_sb, stride_tb, stride_mb, HID_PAD,
+                                   (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, SINE_KIND,
+                                   (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
+                acc = _matmul(hc, w_b, w_b_mid, acc, DOT_KIND, PRECISION)
+            if b_ptr is not None:
+                acc += tl.load(b_ptr + b * stride_bb + (2 * p + 1) * D + nb)[None, :]
+            if 2 * p + 1 == NUM_LAYERS - 1:
+                if TANGENTS > 0:
+                    _store_jacobian(acc, tacc, nb, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT,
+                                    2 * p + 1, FINAL_ACT, SINE_KIND, TANGENTS, BLOCK_M, OUT_PAD)
+                else:
+                    _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, 2 * p + 1,
+                                  FINAL_ACT, SINE_KIND)
             else:
-                hc = _modulate(zc, cj, b, 2 * p, scale_ptr, shift_ptr, mult_ptr, act_ptr,
-                               stride_sb, stride_tb, stride_mb, HID_PAD,
-                               (ACTS // ACT_BASE ** (2 * p)) % ACT_BASE, SINE_KIND,
-                               (PADDED_WIDTHS // WIDTH_BASE ** (2 * p)) % WIDTH_BASE)
-            acc += _matmul(hc, w_b, DOT_KIND, PRECISION)
-        if b_ptr is not None:
-            acc += tl.load(b_ptr + b * stride_bb + (2 * p + 1) * D + nb)[None, :]
-        if 2 * p + 1 == NUM_LAYERS - 1:
-            if TANGENTS > 0:
-                _store_jacobian(acc, tacc, nb, grow, row_ok, y_ptr, j_ptr, act_ptr, IN, OUT,
-                                2 * p + 1, FINAL_ACT, SINE_KIND, TANGENTS, BLOCK_M, OUT_PAD)
-            else:
-                _store_output(acc, nb, grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT, 2 * p + 1,
-                              FINAL_ACT, SINE_KIND)
-        else:
-            if z_ptr is not None:
-                tl.store(z_ptr + ((2 * p + 1) * m64 + grow[:, None]) * HID_PAD + cfull[None, :],
-                         acc, mask=row_ok[:, None])
-            if TANGENTS > 0:
-                h, t = _tangent_modulate(acc, tacc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr,
-                                         mult_ptr, act_ptr, stride_sb, stride_tb, stride_mb,
-                                         HID_PAD, (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE,
-                                         SINE_KIND, TANGENTS, BLOCK_M, HID_PAD,
-                                         (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
-            else:
-                h = _modulate(acc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
-                              stride_sb, stride_tb, stride_mb, HID_PAD,
-                              (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, SINE_KIND,
-                              (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
-                # held as the next dots read it: half the registers in 16-bit modes, and
-                # no conversion repeated per column block
-                h = _operand(h, DOT_KIND)
+                if z_ptr is not None:
+                    tl.store(z_ptr + ((2 * p + 1) * m64 + grow[:, None]) * HID_PAD + nb[None, :],
+                             acc, mask=row_ok[:, None])
+                if TANGENTS > 0:
+                    h, t = _tangent_modulate(
+                        acc, tacc, cfull, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                        stride_sb, stride_tb, stride_mb, HID_PAD,
+                        (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, SINE_KIND, TANGENTS,
+                        BLOCK_M, HID_PAD,
+                        (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
+                else:
+                    hb = _modulate(acc, nb, b, 2 * p + 1, scale_ptr, shift_ptr, mult_ptr, act_ptr,
+                                   stride_sb, stride_tb, stride_mb, HID_PAD,
+                                   (ACTS // ACT_BASE ** (2 * p + 1)) % ACT_BASE, SINE_KIND,
+                                   (PADDED_WIDTHS // WIDTH_BASE ** (2 * p + 1)) % WIDTH_BASE)
+                    if 2 * p + 3 == NUM_LAYERS and OUT_PASSES > 1:  # this pass's share of y
+                        hb_hi, hb_mid = _split_bf16(hb)
+                        w_out, w_out_mid = _load_weight_pieces(
+                            w_base + (NUM_LAYERS - 1) * D * D, nb, tl.arange(0, OUT_PAD), D,
+                            PIECE, DOT_KIND)
+                        y_acc = _split_dot(hb_hi, hb_mid, w_out, w_out_mid, y_acc)
+                    elif DOT_KIND == DOT_BF16X3:  # held as the next dots read it, split once
+                        h, h_mid = _split_bf16(hb)
+                    else:
+                        # held as the next dots read it: half the registers in 16-bit modes,
+                        # and no conversion repeated per column block
+                        h = _operand(hb, DOT_KIND)
+        if 2 * p + 3 == NUM_LAYERS and OUT_PASSES > 1:
+            if b_ptr is not None:
+                y_acc += tl.load(b_ptr + b * stride_bb + (NUM_LAYERS - 1) * D +
+                                 tl.arange(0, OUT_PAD))[None, :]
+            _store_output(y_acc, tl.arange(0, OUT_PAD), grow, row_ok, y_ptr, zf_ptr, act_ptr, OUT,
+                          NUM_LAYERS - 1, FINAL_ACT, SINE_KIND)
 
-    if NUM_LAYERS % 2 == 1:
+    if NUM_LAYERS % 2 == 1 and OUT_PASSES <= 1:
         # An odd layer count leaves the output layer alone; its BLOCK_OUT-wide column
         # chunks go straight to memory, so no concatenation is needed.
         for j in range(0, OUT_PAD, BLOCK_OUT):
             cj = j + tl.arange(0, BLOCK_OUT)
-            w_out = _load_weight_t(w_base + (NUM_LAYERS - 1) * D * D, cfull, cj, D)
-            yc = _matmul(h, w_out, DOT_KIND, PRECISION)
+            w_out, w_out_mid = _load_weight_pieces(w_base + (NUM_LAYERS - 1) * D * D, cfull, cj,
+                                                   D, PIECE, DOT_KIND)
+            y0 = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+            if DOT_KIND == DOT_BF16X3 and TANGENTS == 0:  # h held split
+                yc = _split_dot(h, h_mid, w_out, w_out_mid, y0)
+            else:
+                yc = _matmul(h, w_out, w_out_mid, y0, DOT_KIND, PRECISION)
             if b_ptr is not None:
                 yc += tl.load(b_ptr + b * stride_bb + (NUM_LAYERS - 1) * D + cj)[None, :]
             if TANGENTS > 0:
-                _store_jacobian(yc, _matmul(t, w_out, DOT_KIND, PRECISION), cj, grow, row_ok,
+                ty0 = tl.zeros((TANGENTS * BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+                _store_jacobian(yc, _matmul(t, w_out, w_out_mid, ty0, DOT_KIND, PRECISION),
+                                cj, grow, row_ok,
                                 y_ptr, j_ptr, act_ptr, IN, OUT, NUM_LAYERS - 1, FINAL_ACT,
                                 SINE_KIND, TANGENTS, BLOCK_M, BLOCK_OUT)
             else:
@@ -527,10 +644,11 @@ def fused_mlp_bwd_layer_kernel(
     HIDDEN: tl.constexpr, SINE_KIND: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WIDTH: tl.constexpr = 0,
+    WIDTH: tl.constexpr = 0, PIECE: tl.constexpr = 0,
 ):
     """Back through one linear layer l = `layer` + 1: g = dz_l @ W_l  ([M, K] @ [K, C]);
-    w_ptr is that layer's padded weights (rows ROW apart, per-sample stride stride_wb).
+    w_ptr is that layer's padded weights (rows ROW apart, per-sample stride stride_wb;
+    DOT_BF16X3: its bfloat16 hi piece, the mid piece PIECE elements further on).
 
     HIDDEN=False: g is dx, stored to dst_ptr [M, C].
     HIDDEN=True: g = dL/dh_{layer}; the epilogue recomputes u, act(u) from the saved z
@@ -557,9 +675,13 @@ def fused_mlp_bwd_layer_kernel(
         dz = tl.load(dz_ptr + grow[:, None] * K + kk[None, :],
                      mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
         # W[k, c]; rows past K are zero padding (or the next block, masked by dz = 0)
-        w = tl.load(w_layer + kk[:, None] * ROW + cols[None, :], mask=(kk < K)[:, None],
-                    other=0.0)
-        g += _matmul(dz, w, DOT_KIND, PRECISION)
+        w_offs = kk[:, None] * ROW + cols[None, :]
+        w = tl.load(w_layer + w_offs, mask=(kk < K)[:, None], other=0.0)
+        if DOT_KIND == DOT_BF16X3:
+            w_mid = tl.load(w_layer + PIECE + w_offs, mask=(kk < K)[:, None], other=0.0)
+        else:
+            w_mid = w
+        g = _matmul(dz, w, w_mid, g, DOT_KIND, PRECISION)
 
     if HIDDEN:
         offs = grow[:, None] * HID_PAD + cols[None, :]

@@ -18,6 +18,7 @@ from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, rel_err
 TOLERANCE = {
     (torch.float32, "ieee"): 1e-4,
     (torch.float32, "tf32x3"): 1e-4,
+    (torch.float32, "bf16x3"): 1e-4,
     (torch.float32, "tf32"): 1e-2 if ON_GPU else 1e-4,
     (torch.float16, None): 2e-2,
     (torch.bfloat16, None): 8e-2,
@@ -184,10 +185,70 @@ def test_coordinates_first_layer_as_fmas_in_16_bit_modes(in_features):
     assert rel_err(y, want.double()) < 2e-4
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16x3"])
 def test_float32_precisions(precision):
     p = make_problem((2, 64, 64, 3), n=64, precision=precision)
     check_against_reference(p, tolerance(torch.float32, precision))
+
+
+def _recorded_forward_launches(monkeypatch):
+    """Record the forward kernel's launch keyword arguments, then launch it as usual."""
+    from nfd_fast.kernels import fused_mlp as KM
+
+    calls, real = [], KM.fused_mlp_fwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(KM, "fused_mlp_fwd_kernel", Recorder())
+    return calls
+
+
+@pytest.mark.parametrize("widths, passes", [((2, 256, 200, 3), 2), ((3, 256, 256, 40, 5), 1),
+                                            ((2, 100, 24, 3), 1)])
+def test_bf16x3_against_reference_and_emulation(widths, passes, monkeypatch):
+    """bf16x3: outputs, every gradient (the training forward saves z) and the Jacobian
+    within its bound of float64, and the output close to the emulated split (the kernel's
+    pieces are the emulation's up to float32 rounding order, which can move a piece by one
+    bfloat16 unit: 2^-16 relative). 256 hidden units before a lone output layer take two
+    column passes (OUT_PASSES), other shapes one; modulations, per-sample weights and an
+    activated output layer go through the same split dots."""
+    from nfd_fast.ops.fused_mlp import fused_mlp_emulated, fused_mlp_with_jacobian
+
+    p = make_problem(widths, n=41, batch=2, precision="bf16x3", w0=30.0, first_w0=3.0,
+                     mods=("scale", "shift"), per_sample_weights=True,
+                     final_activation="sine", final_w0=2.0)
+    # SIREN's init past the first layer, scaled by 1 / w0 (w0 = 30 folds into the weights)
+    with torch.no_grad():
+        for w in p.weights[1:]:
+            w.mul_(1.0 / 30.0 * math.sqrt(2.0))
+    calls = _recorded_forward_launches(monkeypatch)
+    check_against_reference(p, tolerance(torch.float32, "bf16x3"))
+    assert [c["OUT_PASSES"] for c in calls] == [passes]
+    with nfd_fast.use_backend("triton"), torch.no_grad():
+        y = p.call()
+    args, mods = _arguments(p, lambda t: t.detach())
+    want = fused_mlp_emulated(*args, **mods, **p.options)
+    assert rel_err(y, want.double()) < 2e-5
+    exact = fused_mlp_emulated(*args, **mods, **{**p.options, "precision": "ieee"})
+    assert rel_err(y, exact.double()) > 1e-7  # the split's rounding is really applied
+    with nfd_fast.use_backend("triton"):
+        _, jac = fused_mlp_with_jacobian(*args, **mods, **p.options)
+    args64, mods64 = _arguments(p, lambda t: t.detach().double())
+    with nfd_fast.use_backend("torch"):
+        _, jac_ref = fused_mlp_with_jacobian(*args64, **mods64, **p.options)
+    assert rel_err(jac, jac_ref) < tolerance(torch.float32, "bf16x3")
+
+
+def _arguments(p: Problem, cast) -> tuple:
+    """((x, weights, biases), modulations) of p, each tensor cast."""
+    c = lambda t: None if t is None else cast(t)  # noqa: E731
+    mods = {k: [c(t) for t in v] for k, v in p.mods.items()}
+    return (c(p.x), [c(w) for w in p.weights], [c(b) for b in p.biases]), mods
 
 
 @pytest.mark.parametrize("final_activation", ["identity", "sine"])

@@ -117,7 +117,8 @@ def test_round_to_tf32_is_round_to_nearest_ties_away():
 
 
 # Documented bounds (README, Precision) of each mode's relative error vs float64.
-BOUNDS = {("float32", "ieee"): 1e-4, ("float32", "tf32x3"): 1e-4, ("float32", "tf32"): 2e-3,
+BOUNDS = {("float32", "ieee"): 1e-4, ("float32", "tf32x3"): 1e-4, ("float32", "bf16x3"): 1e-4,
+          ("float32", "tf32"): 2e-3,
           ("float32", "fp16"): 2e-3, ("float32", "bf16"): 2e-2, ("float16", "fp16"): 2e-2,
           ("bfloat16", "bf16"): 8e-2}
 
@@ -142,6 +143,8 @@ def test_emulated_error_of_every_precision_within_its_bound(dtype, precision):
     assert y.dtype == cast and err < BOUNDS[(dtype, precision)]
     if precision in ("ieee", "tf32x3"):
         assert err < 1e-5
+    elif precision == "bf16x3":  # 16 significant bits: between float32 and the one-pass modes
+        assert 2e-6 < err < 2e-5
     else:
         assert err > 1e-5
 
@@ -165,19 +168,62 @@ def test_tf32x3_emulation_is_the_three_product_split():
 
 
 def test_each_mode_runs_its_sine(monkeypatch):
-    """fp16 / bf16 run the hardware sine after the range reduction; the float32 modes keep
-    libdevice's sinf, or the polynomial with fast_sine=True."""
+    """fp16 / bf16 / bf16x3 run the hardware sine after the range reduction; the float32
+    modes keep libdevice's sinf, or the polynomial with fast_sine=True."""
     calls = _recorded_launches(monkeypatch)
     x = torch.rand(9, 2, device=DEVICE)
     weights = [torch.randn(16, 2, device=DEVICE), torch.randn(3, 16, device=DEVICE)]
     with nfd_fast.use_backend("triton"), torch.no_grad():
-        for precision in ("fp16", "bf16", "ieee", "tf32x3", "tf32"):
+        for precision in ("fp16", "bf16", "bf16x3", "ieee", "tf32x3", "tf32"):
             fused_mlp(x, weights, precision=precision)
         fused_mlp(x, weights, precision="tf32x3", fast_sine=True)
         fused_mlp(x, weights, precision="bf16", fast_sine=True)
     kinds = [c["SINE_KIND"] for c in calls]
     mufu, poly, libdevice = KM.MUFU_SINE.value, KM.POLYNOMIAL_SINE.value, KM.LIBDEVICE_SINE.value
-    assert kinds == [mufu, mufu, libdevice, libdevice, libdevice, poly, mufu]
+    assert kinds == [mufu, mufu, mufu, libdevice, libdevice, libdevice, poly, mufu]
+    assert calls[2]["DOT_KIND"] == KM.DOT_BF16X3.value
+
+
+def test_split_bf16_pieces():
+    """split_bf16: two bfloat16 pieces, to nearest (even), hi + mid within 2^-16 of t and
+    far closer than hi alone; an infinite value keeps mid = 0; NaN stays NaN."""
+    from nfd_fast.ops.fused_mlp import split_bf16
+
+    t = torch.randn(4000, generator=torch.Generator().manual_seed(5)) * 1e3
+    hi, mid = split_bf16(t)
+    assert hi.dtype == mid.dtype == torch.bfloat16
+    rest = (t.double() - hi.double() - mid.double()).abs()
+    assert (rest <= 2.0 ** -16 * t.double().abs()).all()
+    assert (mid.double().abs() <= 2.0 ** -8 * t.double().abs()).all()
+    assert rest.max() < 2.0 ** -7 * (t.double() - hi.double()).abs().max()
+    # to nearest: no other bfloat16 value is closer to t than hi
+    up = torch.nextafter(hi, torch.full_like(hi, math.inf)).double()
+    down = torch.nextafter(hi, torch.full_like(hi, -math.inf)).double()
+    err = (t.double() - hi.double()).abs()
+    assert (err <= (t.double() - up).abs()).all() and (err <= (t.double() - down).abs()).all()
+    special = split_bf16(torch.tensor([math.inf, -math.inf, math.nan, 3.4e38]))
+    assert special[0][:2].float().tolist() == [math.inf, -math.inf]
+    assert special[1][:2].float().tolist() == [0.0, 0.0] and torch.isnan(special[0][2])
+
+
+def test_bf16x3_emulation_is_the_three_product_split():
+    """bf16x3 = a_mid b_hi + a_hi b_mid + a_hi b_hi of the bfloat16 pieces: about 2^-16
+    relative, coarser than tf32x3 and far finer than one bfloat16 product, not exact."""
+    from nfd_fast.ops.fused_mlp import emulated_matmul, split_bf16
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(64, 96, generator=g), torch.randn(96, 40, generator=g)
+    exact = a.double() @ b.double()
+
+    def err(c):
+        return ((c.double() - exact).norm() / exact.norm()).item()
+
+    assert 1e-7 < err(emulated_matmul(a, b, "bf16x3")) < 2.0 ** -15
+    assert err(emulated_matmul(a, b, "bf16")) > 100 * err(emulated_matmul(a, b, "bf16x3"))
+    (a_hi, a_mid), (b_hi, b_mid) = split_bf16(a), split_bf16(b)
+    pieces = a_mid.double() @ b_hi.double() + a_hi.double() @ b_mid.double() + \
+        a_hi.double() @ b_hi.double()
+    assert (emulated_matmul(a, b, "bf16x3").double() - pieces).abs().max() < 1e-5
 
 
 def test_16_bit_modes_sine_is_nan_past_the_range_reduction():

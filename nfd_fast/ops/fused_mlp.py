@@ -33,15 +33,21 @@ float32 otherwise; the column sums float32).
 Precision: accumulation is float32 always, and the first layer (K = in) runs in float32
 in every mode. ``precision`` picks the other layers' matmul operands: "ieee" (float32),
 "tf32x3" (float32 accuracy, within 1e-4 relative of float64, from three TF32 tensor-core
-products), "tf32", "fp16", "bf16". precision=None: half-precision parameters run in their
-dtype's mode; float32 ones follow torch.get_float32_matmul_precision() ("highest" ->
-"tf32x3", "high" -> "tf32", "medium" -> "bf16"; see default_precision).
+products), "bf16x3", "tf32", "fp16", "bf16". bf16x3 splits each float32 operand into two
+bfloat16 pieces, a = a_hi + a_mid (16 significant bits; the weights once per parameter
+version when packed, the activations in registers before each dot), and sums the three
+significant products a_hi b_hi + a_hi b_mid + a_mid b_hi on the 16-bit tensor cores
+(wgmma at the bf16 rate): about 2^-16 relative per product, 16x tf32x3's, so its error
+grows with depth (a SIREN 2 -> 256 x 3 -> 3: 5.6e-6; a 20-layer MLP's gradients: up to
+2.8e-4) and it is not the float32 default. precision=None: half-precision parameters run
+in their dtype's mode; float32 ones follow torch.get_float32_matmul_precision()
+("highest" -> "tf32x3", "high" -> "tf32", "medium" -> "bf16"; see default_precision).
 fused_mlp_emulated measures each mode's error on a CPU (operands rounded as the tensor
 cores round them). ``fast_sine`` replaces libdevice's sinf by a range-reduced polynomial
-(absolute error < 4e-7 at |x| < 1e3; NaN beyond |x| = 4e5). The fp16 and bf16 modes
-always take the same range reduction followed by the hardware sine, sin.approx.f32
-(absolute error about 2^-21, far below their operand rounding; emulated with its error
-at that bound by mufu_sine; see _sine_kind).
+(absolute error < 4e-7 at |x| < 1e3; NaN beyond |x| = 4e5). The fp16, bf16 and bf16x3
+modes always take the same range reduction followed by the hardware sine, sin.approx.f32
+(absolute error about 2^-21, below their operand rounding, 2^-16 relative in bf16x3;
+emulated with its error at that bound by mufu_sine; see _sine_kind).
 """
 from __future__ import annotations
 
@@ -61,8 +67,12 @@ from ._autograd import empty_f32, reference_vjp, zeros_where_absent
 from ._device import constant_table, pad_pow2
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
+# The modes every kernel family takes (cfc_decode's too); fused_mlp's kernel adds bf16x3.
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16", "bf16")
+MLP_PRECISIONS = PRECISIONS + ("bf16x3",)
 SIXTEEN_BIT_MODES = ("fp16", "bf16")
+# Float32 operands split into bfloat16 pieces whose products run on the 16-bit tensor cores.
+SPLIT_MODES = ("bf16x3",)
 # The fused kernels' width limits; wider layers run through the reference (which has no
 # limits), with the reason given once (see kernel_refusal).
 MAX_IN, MAX_HIDDEN, MAX_OUT = 512, 512, 512
@@ -246,15 +256,16 @@ def prepare_inputs(x, weights, biases=None, *, activation="sine", w0=30.0, first
                               leaky_slope, leaky_gain, L - 1)
     if precision is None:
         precision = default_precision(weights[0].dtype)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in MLP_PRECISIONS:
+        raise ValueError(f"precision must be one of {MLP_PRECISIONS}, got {precision!r}")
     return MLPInputs(xb, weights, biases, mods["scale"], mods["shift"], mods["mult"], acts,
                      batch, squeeze, precision, bool(fast_sine), bool(recompute))
 
 
 # torch.get_float32_matmul_precision() -> the mode float32 parameters run in by default.
 # "highest" keeps float32 accuracy (1e-4 of float64) with three TF32 tensor-core products,
-# modelled faster on an H100 than float32 FFMA ("ieee"); see the module docstring.
+# modelled faster on an H100 than float32 FFMA ("ieee"); see the module docstring. (bf16x3,
+# modelled faster again, is not the default: its error grows with depth past the bound.)
 FLOAT32_DEFAULTS = {"highest": "tf32x3", "high": "tf32", "medium": "bf16"}
 HALF_DEFAULTS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -403,11 +414,25 @@ def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
     return t
 
 
+def split_bf16(t: torch.Tensor) -> tuple:
+    """(hi, mid): float32 t = hi + mid + r, hi and mid bfloat16 (round to nearest even;
+    |mid| <= 2^-8 |t|, |r| <= 2^-16 |t|), as the bf16x3 kernels split their operands; an
+    infinite hi leaves mid = 0 (Inf - Inf would be NaN)."""
+    hi = t.to(torch.bfloat16)
+    rest = torch.where(torch.isinf(hi), 0.0, t - hi.float())
+    return hi, rest.to(torch.bfloat16)
+
+
 def emulated_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """a @ b (float32) with the operands rounded as `precision`'s tensor cores do and float32
     accumulation: every product of rounded operands is exact in float32, so a float32
     matmul of the rounded operands is the tensor-core sum up to accumulation order.
-    "tf32x3" splits each operand into a TF32 head and a TF32 tail and drops tail x tail."""
+    "tf32x3" splits each operand into a TF32 head and a TF32 tail and drops tail x tail;
+    "bf16x3" splits each into two bfloat16 pieces (split_bf16) and drops mid x mid."""
+    if precision == "bf16x3":
+        (a_hi, a_mid), (b_hi, b_mid) = [[piece.float() for piece in split_bf16(t)]
+                                        for t in (a, b)]
+        return torch.matmul(a_mid, b_hi) + torch.matmul(a_hi, b_mid) + torch.matmul(a_hi, b_hi)
     if precision != "tf32x3":
         return torch.matmul(round_operand(a, precision), round_operand(b, precision))
     a_hi, b_hi = round_to_tf32(a), round_to_tf32(b)
@@ -417,14 +442,16 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.T
 
 def emulated_reference_forward(p: MLPInputs) -> torch.Tensor:
     """The reference in float32 with p.precision's tensor-core rounding of the dot operands
-    (the first layer exact in float32, as in the kernels) and, in the 16-bit modes, the
-    hardware sine's error (mufu_sine): each mode's error measured on a CPU, where the
-    Triton interpreter computes every dot in float32."""
-    sine = mufu_sine if p.precision in SIXTEEN_BIT_MODES else torch.sin
+    (the first layer exact in float32, as in the kernels) and, in the modes whose kernels
+    take the hardware sine (MUFU_SINE_MODES), that sine's error (mufu_sine): each mode's
+    error measured on a CPU, where the Triton interpreter computes every dot in float32."""
+    sine = mufu_sine if p.precision in MUFU_SINE_MODES else torch.sin
     return _forward(p, torch.float32, lambda l, h, wt: torch.matmul(h, wt) if l == 0
                     else emulated_matmul(h, wt, p.precision), sine)
 
 
+# The modes whose kernels take the hardware sine (see _sine_kind).
+MUFU_SINE_MODES = SIXTEEN_BIT_MODES + SPLIT_MODES
 # The kernels' range reduction (kernels/fused_mlp.py): 2 pi split in two (Cody-Waite), so
 # k * hi is exact for |k| < 2^16; past SINE_REDUCTION_BOUND the fast sines give NaN.
 _INV_2PI, _TWO_PI_HI, _TWO_PI_LO = 0.15915494309189535, 6.28125, 0.0019353071795864769
@@ -550,6 +577,10 @@ class _Geometry:
             # 128 rows: each of the two warpgroups owns 64 rows of every wgmma (no dot
             # work replicated across them)
             block_m, block_n, stages = 128, (64 if hid_pad <= 128 else 32), 2
+        elif precision in SPLIT_MODES:
+            # as the 16-bit modes: Triton lays chained dots' warps along the rows only, so
+            # fewer than 16 rows per warp would replicate the dot work (see _out_passes)
+            block_m, block_n, stages = 128, (64 if hid_pad <= 128 else 32), 2
         else:
             block_m, block_n, stages = (32 if hid_pad >= 256 else 64), 32, 1
         return _Geometry(pad_pow2(widths[0]), hid_pad, out_pad, block_m, min(block_n, hid_pad),
@@ -566,6 +597,7 @@ class _Packed:
 
     first: torch.Tensor              # [Bw, HID_PAD, IN_PAD] float32: W_0
     weights: torch.Tensor            # [Bw, L-1, D, D] in the mode's operand dtype: W_1 ..
+    #                                  (split modes: [Bw, 2, L-1, D, D] bfloat16, hi and mid)
     bias: Optional[torch.Tensor]     # [Bb, L, D]
     scale: Optional[torch.Tensor]    # [Bs, L-1, HID_PAD]
     shift: Optional[torch.Tensor]
@@ -625,6 +657,8 @@ def _pack_weights(p: MLPInputs, g: _Geometry, folded: tuple) -> tuple:
                     dtype=_PACK_DTYPE.get(p.precision, torch.float32))
     for l in range(1, L):
         w[:, l - 1, : widths[l + 1], : widths[l]] = _scaled(p.weights[l], folded[l])
+    if p.precision in SPLIT_MODES:  # [Bw, 2, L-1, D, D]: the hi pieces, then the mid ones
+        w = torch.stack(split_bf16(w), dim=1)
     return first, w
 
 
@@ -693,8 +727,9 @@ def _kernels():
 def _dot_config(precision: str):
     """(DOT_KIND, input_precision) of the kernels' tl.dot for a precision mode."""
     K = _kernels()
-    kind = {"fp16": K.DOT_FP16, "bf16": K.DOT_BF16}.get(precision, K.DOT_FP32)
-    return kind.value, ("ieee" if precision in ("fp16", "bf16") else precision)
+    kind = {"fp16": K.DOT_FP16, "bf16": K.DOT_BF16, "bf16x3": K.DOT_BF16X3}.get(precision,
+                                                                               K.DOT_FP32)
+    return kind.value, ("ieee" if precision in ("fp16", "bf16", "bf16x3") else precision)
 
 
 def _hidden_act_codes(p: MLPInputs) -> int:
@@ -709,15 +744,16 @@ def _act_field(kinds: tuple) -> int:
 
 
 def _sine_kind(p: MLPInputs) -> int:
-    """The kernels' sine (a code of kernels/fused_mlp.py). The 16-bit modes, whose operand
-    rounding (2^-9, 2^-12 relative) is far coarser than either fast sine's error, take
-    the hardware sine, sin.approx.f32, after an exact range reduction (see mufu_sine);
+    """The kernels' sine (a code of kernels/fused_mlp.py). The 16-bit modes and bf16x3,
+    whose operand rounding (2^-9, 2^-12, 2^-16 relative) is coarser than either fast
+    sine's error, take the hardware sine, sin.approx.f32, after an exact range reduction
+    (see mufu_sine; in bf16x3 the SIREN of README's Precision moves 5.6e-6 -> 5.7e-6);
     fast_sine=True in the float32 modes takes the range-reduced polynomial (absolute
     error < 4e-7, about 2.5x fewer instructions than libdevice's sinf); libdevice's sinf
     otherwise. Past |w0 u| = 4e5 both fast sines give NaN (their range reduction would
     lose the argument), where 16-bit operands have long lost the phase anyway."""
     K = _kernels()
-    if p.precision in SIXTEEN_BIT_MODES:
+    if p.precision in MUFU_SINE_MODES:
         return K.MUFU_SINE.value
     return (K.POLYNOMIAL_SINE if p.fast_sine else K.LIBDEVICE_SINE).value
 
@@ -733,13 +769,15 @@ def _padded_widths(hidden: tuple, hid_pad: int) -> int:
 
 def _first_layer_fma(p: MLPInputs, in_features: int, jacobian: bool) -> int:
     """The kernel's FIRST_FMA: coordinates (in <= 4) take the first layer as `in` float32
-    FMAs per unit instead of a dot over 16 padded columns, in the 16-bit modes (their
+    FMAs per unit instead of a dot over 16 padded columns, in the modes on the 16-bit
+    tensor cores (fp16, bf16, bf16x3; their
     kernels, free of spills, are bound by issue slots; the float32 modes' kernels are
     bound by their spills, which the FMAs' registers make worse: modelled 9.9 -> 15.3 s
     for the float32 gigapixel render)."""
     K = _kernels()
     small = in_features <= K.MAX_FIRST_FMA.value
-    return in_features if small and not jacobian and p.precision in SIXTEEN_BIT_MODES else 0
+    fma_modes = SIXTEEN_BIT_MODES + SPLIT_MODES
+    return in_features if small and not jacobian and p.precision in fma_modes else 0
 
 
 def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, coord_grid=None,
@@ -777,9 +815,29 @@ def _launch_forward(p: MLPInputs, g: _Geometry, packed: _Packed, save_z: bool, c
         GRID_DIMS=IN if coord_grid else 0, GRID_AXES=axes,
         TANGENTS=pad_pow2(IN, minimum=1) if jacobian else 0,
         PADDED_WIDTHS=_padded_widths(tuple(p.widths()[1:-1]), g.hid_pad),
-        FIRST_FMA=_first_layer_fma(p, IN, jacobian),
+        FIRST_FMA=_first_layer_fma(p, IN, jacobian), PIECE=_piece(packed),
+        OUT_PASSES=_out_passes(p, g, jacobian),
     )
     return (y, jac) if jacobian else (y, z, zf)
+
+
+def _out_passes(p: MLPInputs, g: _Geometry, jacobian: bool) -> int:
+    """The kernel's OUT_PASSES. A split mode holds h as two bfloat16 pieces, as many
+    registers as the float32 accumulator of the pair's second layer: at 256 hidden units
+    the two (128 + 128 per thread) spill. Before a lone output layer (odd layer count, out
+    within one BLOCK_OUT chunk) the pair instead runs in two passes of 128 columns, each
+    recomputing its first layer: for SIREN 2 -> 256 x 3 -> 3 a third more dot work, 57
+    local loads per loop iteration instead of 147 (sm_90a; 4 passes still spill, at 12.6 ms
+    modelled against 8.4). Other shapes run in one pass (at 256 units their middle pairs
+    spill)."""
+    streamable = p.num_layers % 2 == 1 and g.out_pad <= g.block_out and not jacobian
+    return 2 if p.precision in SPLIT_MODES and g.hid_pad == 256 and streamable else 1
+
+
+def _piece(packed: _Packed) -> int:
+    """Elements from a split weight's hi piece to its mid piece (0 when not split)."""
+    w = packed.weights
+    return w.stride(1) if w.dim() == 5 else 0
 
 
 def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, layer, z):
@@ -808,7 +866,8 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
     part = torch.empty(4, B, tiles, cols, device=dev, dtype=torch.float32) if hidden else None
     # the first layer runs in float32 in every mode (its weights packed on their own)
     dot_kind, prec = _dot_config(p.precision if hidden else "ieee")
-    w = packed.weights[:, layer] if hidden else packed.first
+    weights = packed.weights[:, 0] if packed.weights.dim() == 5 else packed.weights
+    w = weights[:, layer] if hidden else packed.first
     K.fused_mlp_bwd_layer_kernel[(B * tiles, triton.cdiv(cols, block_n))](
         dz, w, z if hidden else None, packed.scale, packed.shift, packed.mult,
         packed.act, dst, h, part, N, M, cols, layer, tiles, _stride0(w),
@@ -818,6 +877,7 @@ def _launch_backward_layer(p: MLPInputs, g: _Geometry, packed: _Packed, dz, laye
         SINE_KIND=_sine_kind(p), DOT_KIND=dot_kind, PRECISION=prec,
         BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
         WIDTH=_padded_widths((p.widths()[layer + 1],), g.hid_pad) if hidden else 0,
+        PIECE=_piece(packed) if hidden else 0,
     )
     if not hidden:
         return dst
@@ -1013,7 +1073,7 @@ def _runs_reference(p: MLPInputs, backend_setting: str, jacobian: bool = False) 
     return reference
 
 
-_UNHONOURED = ("tf32", "fp16", "bf16")  # tensor-core modes of float32 data
+_UNHONOURED = ("tf32", "fp16", "bf16", "bf16x3")  # coarser than float32 math
 _WARNED_PRECISIONS: set = set()
 
 
