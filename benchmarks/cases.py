@@ -452,6 +452,45 @@ def _build_ddmi_image_readout(device, quick):
     return Work(flops, nbytes, n), {k: Rotating(f, inputs) for k, f in impls.items()}
 
 
+def _build_ddmi_image_readout_train(device, quick):
+    """DDMI's image readout in training (the D2C-VAE's reconstruction): B fields 64^2 /
+    128^2 / 256^2 x 64 from the decoder, which take gradients too, every pixel centre of a
+    256^2 image, given per-layer noise, MSE to target colours, forward and backward."""
+    from nfd_fast.models.blocks import ROTATIONS as sets
+    from nfd_fast.models.ddmi import ImageReadout, pixel_centers
+
+    torch.manual_seed(0)
+    B, side = (2, 32) if quick else (8, 256)
+    readout = ImageReadout().to(device).train()
+    with torch.no_grad():  # the zero-initialised noise weights and biases made non-zero
+        for name, p in readout.named_parameters():
+            if "noise" in name or "bias" in name:
+                p.normal_(0.0, 0.1)
+    g = torch.Generator(device).manual_seed(0)
+    coords = pixel_centers(side, device=device).expand(B, -1, -1).contiguous()
+    target = torch.rand(B, side * side, 3, device=device, generator=g)
+    sides = [side // 4 * 2 ** k for k in range(3)]
+    inputs = [([torch.randn(B, 64, s, s, device=device, generator=g).requires_grad_()
+                for s in sides],
+               [torch.randn(B, side * side, device=device, generator=g) for _ in range(12)])
+              for _ in range(sets)]
+
+    def step(fields, noise):
+        loss = (readout(fields, coords, 1.0, noise=noise) - target).square().mean()
+        loss.backward()
+        return loss
+
+    n = B * side * side
+    # forward + the two backward products per layer
+    flops = 3 * readout_flops([(66, 256, 3, True), (322, 256, 3, True), (322, 256, 3, True),
+                               (256, 256, 3, False)], 3, 256, n)
+    # fewest bytes: fields read and their gradients written, coordinates, noise and
+    # targets read
+    nbytes = 4 * (2 * B * 64 * sum(s * s for s in sides) + n * (2 + 12 + 3))
+    impls = _readout_impls(step)
+    return Work(flops, nbytes, n), {k: Rotating(f, inputs) for k, f in impls.items()}
+
+
 def _build_ddmi_shape_readout(device, quick):
     """DDMI's occupancy readout: B shapes, tri-planes 16^2 / 32^2 / 64^2 x 64 per scale,
     2^18 query points per shape."""
@@ -488,6 +527,11 @@ register(Case("ddmi_image_readout",
               gpu_only_impls=("nfd_fast[tf32]", "nfd_fast[bf16]"),
               targets=(Target("nfd_fast*", "speedup", 5.0, "eager", READOUT_GOAL),
                        Target("nfd_fast*", "speedup", 2.0, "compiled", READOUT_GOAL))))
+register(Case("ddmi_image_readout_train",
+              "DDMI image readout training step (MSE, forward + backward to weights and "
+              "fields), fields 64^2/128^2/256^2 x 64, hidden 256, B=8 x 256^2 pixels with "
+              "noise (quick 2 x 32^2)", _build_ddmi_image_readout_train,
+              gpu_only_impls=("nfd_fast[tf32]", "nfd_fast[bf16]")))
 register(Case("ddmi_shape_readout",
               "DDMI occupancy readout, tri-planes 16^2/32^2/64^2 x 64, hidden 256, B=8 x 2^18 "
               "points (quick 2 x 2^10)", _build_ddmi_shape_readout,

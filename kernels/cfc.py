@@ -22,6 +22,9 @@ Memory layout (prepared by nfd_fast.ops.cfc):
         channels folded in) and s_b, then c and b_o.
     pw  [H, PIN_PAD] float32 (point layer), nw [K, L] float32 noise weights, noise_table
         [K * L] int64 addresses of the noise inputs [B, N] (0 where absent).
+Training (SAVE): the kernel also writes, float32, what the backward reads: each layer's
+pre-activation z_l, each block's output h and features f_k (the backward is host code over
+kernels/fused_mlp.py's backward layer kernel and grid_lookup's backward; nfd_fast.ops.cfc).
 Zero padding makes padded units exactly zero: zero weights and zero biases in, and zero
 weight columns out, so they never reach a real unit.
 

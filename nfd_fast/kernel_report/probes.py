@@ -206,6 +206,25 @@ def _ddmi_image_readout(n):
     return step
 
 
+def _ddmi_image_readout_train(n):
+    """The image readout's training step (MSE, backward to the weights and the fields) on
+    2 samples x n/2 pixel centres, as the benchmark case."""
+    from nfd_fast.models.ddmi import ImageReadout, pixel_centers
+
+    torch.manual_seed(0)
+    side = int(round((n // 2) ** 0.5))
+    readout = ImageReadout().train()
+    coords = pixel_centers(side).expand(2, -1, -1).contiguous()
+    fields = [torch.randn(2, 64, s, s).requires_grad_() for s in _image_sides(side * side)]
+    noise = [torch.randn(2, side * side) for _ in range(12)]
+    target = torch.rand(2, side * side, 3)
+
+    def step():
+        (readout(fields, coords, 1.0, noise=noise) - target).square().mean().backward()
+
+    return step
+
+
 def _ddmi_shape_readout(n):
     """DDMI's occupancy readout on 2 shapes x n/2 points, tri-planes 4^2 / 8^2 / 16^2 x 64."""
     from nfd_fast.models.ddmi import ShapeReadout
@@ -242,6 +261,8 @@ def _matmul_precision(mode, run):
 
 
 for _case, _build, _canonical in (("ddmi_image_readout", _ddmi_image_readout, 16 * 256 * 256),
+                                  ("ddmi_image_readout_train", _ddmi_image_readout_train,
+                                   8 * 256 * 256),
                                   ("ddmi_shape_readout", _ddmi_shape_readout, 8 * 2**18)):
     _register(_case, "nfd_fast", _with("triton", _build), (512, 2048), _canonical)
     for _impl, _mode in (("nfd_fast[tf32]", "high"), ("nfd_fast[bf16]", "medium")):

@@ -31,9 +31,19 @@ Precision: float32 accumulation always; matmul operands as fused_mlp's precision
 ("ieee", "tf32x3", "tf32", "fp16", "bf16"; precision=None follows the fields' dtype and
 torch.get_float32_matmul_precision()); the point layer (K = P, tiny) in float32.
 
-Backward (every backend): the reference's vector-Jacobian product (torch.func.vjp of
-reference_cfc_decode), not a fused kernel: gradients reach coords, fields, points, noise
-and every weight, and differentiate again, but cost what the composed PyTorch path costs.
+Backward (backend "triton", where the forward ran the kernel): when a gradient can follow,
+the forward kernel also saves, in float32, every block's pre-activations z_l, its output h
+and its features f_k (kernels/cfc.py, SAVE), so the backward never re-runs the blocks or
+the lookups. Back to front, per layer: dz_{l-1} = (dz_l W_l) * feed'(z_{l-1}), with
+a_{l-1} and the bias gradient, in kernels/fused_mlp.py's backward layer kernel; dx = dz W
+for the split first layer, the skip and the output layer in the same kernel; dW = dz^T x
+as one bmm per matrix (16-bit operands in the 16-bit modes, float32 output; fused_mlp's
+_weight_grad); the features' gradients into fields and coords by grid_lookup's backward
+kernel, one launch per scale. Relu masks, residual gains, the point layer and the noise
+sums are elementwise or tiny PyTorch. Gradients reach coords, fields, points, noise and
+every weight; a tensor filling several slots gets the sum. Second order (create_graph=True)
+and the "torch" backend use the reference's vector-Jacobian product (torch.func.vjp of
+reference_cfc_decode), differentiable again.
 
 The reference reads the fields with grid_lookup's reference (plain gathers) and runs the
 blocks as batched matmuls in float32 (float64 for float64 inputs): the specification,
@@ -485,8 +495,13 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
     inner = [max([g.block_n] + _layer_outs(blk)[:L - 1]) for blk in blocks]
     y = torch.empty(B, N, OUT, device=dev, dtype=dtype)
     z = f = None
-    if save:  # zeros: columns past a layer's inner width are never written
-        z = torch.zeros(len(blocks), L + 1, B * N, g.hidden, device=dev, dtype=torch.float32)
+    if save:
+        # the kernel writes an inner layer's z up to the inner width rounded to BLOCK_N and
+        # every other plane in full: zeros (one more pass over z) only where that leaves
+        # columns unwritten
+        unwritten = any(triton.cdiv(i, g.block_n) * g.block_n < g.hidden for i in inner)
+        z = (torch.zeros if unwritten else torch.empty)(
+            len(blocks), L + 1, B * N, g.hidden, device=dev, dtype=torch.float32)
         f = torch.empty(len(blocks), B * N, g.features, device=dev, dtype=torch.float32)
         for k, blk in enumerate(blocks):
             if blk.scale is None:  # a block without features: defined zeros all the same
@@ -576,8 +591,8 @@ class _Backward:
         block_n = min(128 if hidden else 64, cols)
         dev = dz.device
         dst = torch.empty(self.M, cols, device=dev, dtype=torch.float32)
-        a = torch.empty(self.M, H, device=dev, dtype=_DOT_DTYPES.get(self.precision, torch.float32)) \
-            if hidden else None
+        operand = _DOT_DTYPES.get(self.precision, torch.float32)  # a_{l-1} only feeds dW
+        a = torch.empty(self.M, H, device=dev, dtype=operand) if hidden else None
         part = torch.empty(4, self.B, tiles, H, device=dev, dtype=torch.float32) if hidden else None
         dot_kind, prec = _dot_config(self.precision)
         KM.fused_mlp_bwd_layer_kernel[(self.B * tiles, triton.cdiv(cols, block_n))](
@@ -649,7 +664,8 @@ def _noise_grads(st: _Backward, blk: SplitBlock, per_layer, l: int, dz, out: dic
     if st.want(blk.noise_weights):
         onehot = torch.zeros(st.L, device=dz.device)
         onehot[l] = 1.0
-        _add(out, blk.noise_weights, (onehot * (rows * n.float()).sum()).to(blk.noise_weights.dtype))
+        _add(out, blk.noise_weights,
+             (onehot * (rows * n.float()).sum()).to(blk.noise_weights.dtype))
 
 
 def _block_backward(st: _Backward, k: int, blk: SplitBlock, dh, zs, f_k, h_in, noise_k,
@@ -1071,8 +1087,9 @@ def cfc_decode(coords: torch.Tensor, fields: Sequence[Sequence[torch.Tensor]],
         residual_gain: multiplies (y + S x) (default 1/sqrt(2) styled, 1 resnet_fc).
         precision: the kernel's matmul operands (fused_mlp's modes); None follows the
         fields' dtype and torch.get_float32_matmul_precision().
-    Returns [B, N, out] in the fields' dtype; differentiable in every tensor (backward by
-    the reference's VJP, see the module docstring).
+    Returns [B, N, out] in the fields' dtype; differentiable in every tensor (the fused
+    backward on the kernel's path, second order by the reference's VJP; see the module
+    docstring).
     """
     planes, fields = _validate(coords, fields, planes, blocks, out_weight, out_bias, point_weight,
                                point_bias, points, noise, combine, padding_mode, block)
