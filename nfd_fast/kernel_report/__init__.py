@@ -67,7 +67,7 @@ def _run_module(module: str, args: list, interpret: bool) -> None:
         raise RuntimeError(f"{module} failed:\n{res.stdout[-2000:]}{res.stderr[-4000:]}")
 
 
-def capture(names: list, stats: dict | None = None) -> dict:
+def capture_probes(names: list, stats: dict | None = None) -> dict:
     """{probe: {size: events} or {"error": ...}}, captured (or read from the cache)."""
     from . import probes
 
@@ -194,7 +194,7 @@ def report(cases=None, progress=None) -> dict:
     stats = {}
     if progress:
         progress(f"capturing {len(names)} probe(s) under the interpreter (cached after)")
-    captured = capture(names, stats)
+    captured = capture_probes(names, stats)
     rows, kernels, errors = [], {}, {}
     for name in names:
         probe, events = probes.PROBES[name], captured[name]
