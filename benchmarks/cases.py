@@ -50,7 +50,8 @@ def _implementations(step, siren, variants):
     return impls
 
 
-PRECISION_VARIANTS = {"tf32x3": {"precision": "tf32x3"}, "bf16": {"precision": "bf16"}}
+PRECISION_VARIANTS = {"tf32x3": {"precision": "tf32x3"}, "bf16x3": {"precision": "bf16x3"},
+                      "bf16": {"precision": "bf16"}}
 TRAIN_VARIANTS = {**PRECISION_VARIANTS, "recompute": {"recompute": True}}
 
 
@@ -84,14 +85,15 @@ def _build_siren_train_step(device, quick):
 MLP_GOAL = "fused-MLP goal (H100)"
 register(Case(
     "siren_inference", "Siren 2->256x3->3 forward, 2^22 coords (quick 2^14)",
-    _build_siren_inference, gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]"),
+    _build_siren_inference,
+    gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16x3]", "nfd_fast[bf16]"),
     targets=(Target("nfd_fast*", "speedup", 10.0, "eager", MLP_GOAL),
              Target("nfd_fast*", "speedup", 2.0, "compiled", MLP_GOAL),
              Target("nfd_fast[bf16]", "roofline", 0.5, source=MLP_GOAL + ", bf16 matmul rate"))))
 register(Case(
     "siren_train_step", "Siren 2->256x3->3 forward+backward (MSE), 2^22 coords (quick 2^14)",
     _build_siren_train_step,
-    gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16]", "nfd_fast[recompute]"),
+    gpu_only_impls=("nfd_fast[tf32x3]", "nfd_fast[bf16x3]", "nfd_fast[bf16]", "nfd_fast[recompute]"),
     targets=(Target("nfd_fast*", "speedup", 3.0, "eager", MLP_GOAL),)))
 
 

@@ -55,7 +55,8 @@ def _siren_step(precision, train, backend="triton", recompute=False):
     return run
 
 
-_SIREN_IMPLS = {"nfd_fast": None, "nfd_fast[tf32x3]": "tf32x3", "nfd_fast[bf16]": "bf16"}
+_SIREN_IMPLS = {"nfd_fast": None, "nfd_fast[tf32x3]": "tf32x3", "nfd_fast[bf16x3]": "bf16x3",
+                "nfd_fast[bf16]": "bf16"}
 for _train, _case in ((False, "siren_inference"), (True, "siren_train_step")):
     for _impl, _precision in _SIREN_IMPLS.items():
         _register(_case, _impl, _siren_step(_precision, _train), (256, 512), 2**22)
