@@ -298,7 +298,6 @@ def cfc_decode_fwd_kernel(
         if SAVE:
             zs = z_ptr + k * (LAYERS + 1) * plane
             fs = f_ptr + k * (plane // H) * FP
-
         # the block's flags are passed inline: a constexpr bound to a local name inside
         # a static loop cannot be bound again on the next iteration
         h = _block(h, w_base + k * BLOCK_W, v_base + k * (LAYERS + 1) * H, table_ptr, chan_ptr,
@@ -327,3 +326,18 @@ def cfc_decode_fwd_kernel(
     out += tl.load(v_base + NUM_BLOCKS * (LAYERS + 1) * H + H + oc)[None, :]
     tl.store(y_ptr + grow[:, None] * OUT + oc[None, :], out.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (oc < OUT)[None, :])
+
+
+@triton.jit
+def cfc_decode_bwd_residual_kernel(dh_ptr, z_ptr, dr_ptr, dz_ptr, numel, residual_gain, slope,
+                                   gain, BLOCK: tl.constexpr):
+    """Into a styled block's backward, one pass over dh (its output's gradient) and z_{L-1}:
+    dr = residual_gain * dh (the skip's gradient) and dz_{L-1} = dr * gain *
+    leaky_relu'(z_{L-1}), the slope at and below zero as torch's backward takes it.
+    Elements flat (int64: M * H passes 2^31)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    dr = tl.load(dh_ptr + offs, mask=ok) * residual_gain
+    tl.store(dr_ptr + offs, dr, mask=ok)
+    z = tl.load(z_ptr + offs, mask=ok)
+    tl.store(dz_ptr + offs, dr * gain * tl.where(z > 0.0, 1.0, slope), mask=ok)

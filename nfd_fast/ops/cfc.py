@@ -353,6 +353,7 @@ class _Geometry:
     block_n: int
     num_warps: int
     num_stages: int
+    max_registers: Optional[int] = None  # ptxas's cap (maxnreg); None: its own choice
 
     @property
     def features(self) -> int:
@@ -372,12 +373,16 @@ class _Geometry:
         # in registers: 32 rows, 1 stage (3 stages needed 229 KB of shared memory, more
         # than an H100 has), 4 warps (8 warps issued 4.7 tensor FLOPs per dot FLOP in
         # tf32x3, replicated work; 4 warps 3.0, and 35% fewer instructions per row)
+        # float32 operands (tf32x3): ptxas on its own chose 168 registers (5 KB of spills)
+        # and, with the saving stores, 32 registers (14 KB, 3636 local loads per tile
+        # iteration); maxnreg=255 takes 255 and issues 8% fewer instructions per warp, and
+        # 55% fewer when saving (as many as without the stores)
         if dot_dtype in (torch.float16, torch.bfloat16):
-            block_m, stages, warps = 128, 2, 8 if hidden >= 128 else 4
+            block_m, stages, warps, regs = 128, 2, 8 if hidden >= 128 else 4, None
         else:
-            block_m, stages, warps = 32, 1, 4
+            block_m, stages, warps, regs = 32, 1, 4, 255
         return _Geometry(hidden, channels, slots, pad_pow2(out), pad_pow2(point_in),
-                         block_m, min(32, hidden), warps, stages)
+                         block_m, min(32, hidden), warps, stages, regs)
 
     def block_width(self, L: int) -> int:
         return (L + 1) * self.hidden ** 2 + 2 * self.hidden * self.features
@@ -529,7 +534,8 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
         NOISE_DTYPE=_kernel_dtype(noise_dtype), PIN_PAD=g.point_in, OUT_PAD=g.out,
         OUT_ACT=o.out_activation is not None, DOT_KIND=dot_kind, PRECISION=prec, SAVE=save,
         BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.num_warps,
-        num_stages=g.num_stages)
+        num_stages=g.num_stages,
+        **({} if g.max_registers is None else {"maxnreg": g.max_registers}))
     return y, z, f
 
 
@@ -672,10 +678,11 @@ def _block_backward(st: _Backward, k: int, blk: SplitBlock, dh, zs, f_k, h_in, n
                     out: dict) -> tuple:
     """Back through block k from dh (its output's gradient, [M, H] float32): fills out
     with the block's parameter gradients, returns (d h_in or None, d f_k or None)."""
-    o, L, H = st.o, st.L, st.g.hidden
-    dr = dh * o.residual_gain
+    o, L = st.o, st.L
+    identity = blk.skip_hidden is None and blk.skip_feature is None
+    dr, dz = _residual_grads(st, dh, zs[k * (L + 1) + L - 1])
     dh_in = df = None
-    if blk.skip_hidden is None and blk.skip_feature is None:
+    if identity:
         dh_in = dr
     else:
         if blk.skip_hidden is not None:
@@ -685,8 +692,6 @@ def _block_backward(st: _Backward, k: int, blk: SplitBlock, dh, zs, f_k, h_in, n
             _add(out, blk.skip_feature, _features_weight_grad(st, dr, f_k, blk))
             df = st.launch_layer(dr, *st.matrix(k, L + 2))
         _add(out, blk.skip_bias, st.bias_grad(st.col_sums(dr), blk.skip_bias))
-    z_last = zs[k * (L + 1) + L - 1]
-    dz = dr * (o.leaky_gain * _leaky_grad(z_last, o.leaky_slope)) if o.block == "styled" else dr
     sums = None
     for l in range(L - 1, 0, -1):
         if noise_k is not None:
@@ -716,6 +721,26 @@ def _block_backward(st: _Backward, k: int, blk: SplitBlock, dh, zs, f_k, h_in, n
         d = d * (f_k > 0) if relu else d
         df = d if df is None else df + d
     return dh_in, df
+
+
+def _residual_grads(st: _Backward, dh, z_last) -> tuple:
+    """(dr, dz_{L-1}) of h = (y + skip) * residual_gain: dr = residual_gain * dh (the
+    skip's gradient) and dz_{L-1} = dr * feed'(z_{L-1}) (styled, in one kernel pass:
+    kernels/cfc.py cfc_decode_bwd_residual_kernel; resnet_fc's y = z_{L-1}: dz = dr)."""
+    o = st.o
+    if o.block == "resnet_fc":
+        dr = dh * o.residual_gain
+        return dr, dr
+    import triton
+
+    from ..kernels import cfc as K
+
+    dr, dz = torch.empty_like(dh), torch.empty_like(dh)
+    block = 1024
+    K.cfc_decode_bwd_residual_kernel[(triton.cdiv(dh.numel(), block),)](
+        dh, z_last, dr, dz, dh.numel(), float(o.residual_gain), float(o.leaky_slope),
+        float(o.leaky_gain), BLOCK=block, num_warps=4)
+    return dr, dz
 
 
 def _features_weight_grad(st: _Backward, dz, f, blk: SplitBlock, like=None):
