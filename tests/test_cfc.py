@@ -168,6 +168,26 @@ def test_gradients_of_noise_inputs_and_tensors_in_several_slots(fused_backwards)
         assert rel_err(a, b) < 2e-5, (key, rel_err(a, b))
 
 
+def test_second_order_through_the_reference_vjp(fused_backwards):
+    """create_graph=True: the first gradient comes from the reference's VJP (differentiable
+    again), so a loss on coordinate gradients trains the weights on the kernel's path (its
+    graph reaches the op's output once more, through the loss's gradient 2 out: a
+    first-order backward, the fused one)."""
+    args, kwargs = case_inputs("resnet_fc_shape", N=6, channels=(3,))
+    coords, weight = args[0], args[3][1].weights[0]
+    results = []
+    for setting in ("triton", "torch"):
+        with nfd_fast.use_backend(setting):
+            out = cfc_decode(*args, **kwargs)
+        (dc,) = torch.autograd.grad(out.square().sum(), coords, create_graph=True)
+        first_order = len(fused_backwards)
+        results.append((dc, torch.autograd.grad(dc.square().sum(), weight)[0]))
+        if setting == "triton":
+            assert first_order == 0 and fused_backwards == [1]
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 2e-5, rel_err(a, b)
+
+
 def test_float16_kernel_against_the_float32_reference(fused_backwards):
     """float16 inputs: the kernel (float16 dot operands, float32 accumulation) against the
     reference in float32 on the same float16 numbers."""
