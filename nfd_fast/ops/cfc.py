@@ -32,18 +32,23 @@ Precision: float32 accumulation always; matmul operands as fused_mlp's precision
 torch.get_float32_matmul_precision()); the point layer (K = P, tiny) in float32.
 
 Backward (backend "triton", where the forward ran the kernel): when a gradient can follow,
-the forward kernel also saves, in float32, every block's pre-activations z_l, its output h
-and its features f_k (kernels/cfc.py, SAVE), so the backward never re-runs the blocks or
-the lookups. Back to front, per layer: dz_{l-1} = (dz_l W_l) * feed'(z_{l-1}), with
-a_{l-1} and the bias gradient, in kernels/fused_mlp.py's backward layer kernel; dx = dz W
-for the split first layer, the skip and the output layer in the same kernel; dW = dz^T x
-as one bmm per matrix (16-bit operands in the 16-bit modes, float32 output; fused_mlp's
-_weight_grad); the features' gradients into fields and coords by grid_lookup's backward
-kernel, one launch per scale. Relu masks, residual gains, the point layer and the noise
-sums are elementwise or tiny PyTorch. Gradients reach coords, fields, points, noise and
-every weight; a tensor filling several slots gets the sum. Second order (create_graph=True)
-and the "torch" backend use the reference's vector-Jacobian product (torch.func.vjp of
-reference_cfc_decode), differentiable again.
+the forward kernel also saves every block's pre-activations z_l, its output h and its
+features f_k (kernels/cfc.py, SAVE), so the backward never re-runs the blocks or the
+lookups. They are saved in float32 in every mode: the backward's activation derivatives
+and a_l = feed(z_l) then match the forward's exactly, and the 16-bit modes round a_l to
+their operand dtype only where dW reads it. Memory: 4 (K (L + 1) H + K F) bytes a point
+(DDMI's image readout, K = 4, L = 3, H = 256, F = 64: 17 KB). Back to front, per layer:
+dz_{l-1} = (dz_l W_l) * feed'(z_{l-1}), with a_{l-1} and the bias gradient, in
+kernels/fused_mlp.py's backward layer kernel; dx = dz W for the split first layer, the
+skip and the output layer in the same kernel; dW = dz^T x as one bmm per matrix (16-bit
+operands in the 16-bit modes, float32 output; fused_mlp's _weight_grad); the features'
+gradients into fields and coords by grid_lookup's backward kernel, one launch per scale;
+a styled block's residual gain and last activation derivative in one elementwise kernel
+(kernels/cfc.py). Relu masks, the point layer and the noise sums are elementwise or tiny
+PyTorch. Gradients reach coords, fields, points, noise and every weight; a tensor filling
+several slots gets the sum. Second order (create_graph=True) and the "torch" backend use
+the reference's vector-Jacobian product (torch.func.vjp of reference_cfc_decode),
+differentiable again.
 
 The reference reads the fields with grid_lookup's reference (plain gathers) and runs the
 blocks as batched matmuls in float32 (float64 for float64 inputs): the specification,
@@ -433,7 +438,7 @@ def _pack_weights(blocks, out_weight, g: _Geometry, o: _Options, fields, B, dot_
 
 def _pack_vectors(blocks, point_bias, out_bias, g: _Geometry, B: int, device):
     """vec [Bv, K * (L + 1) * H + H + OUT_PAD] float32: biases, skip biases, c, b_o."""
-    L, H = blocks[0].num_layers, g.hidden
+    H = g.hidden
     entries = [b for blk in blocks for b in [*blk.biases, blk.skip_bias]] + [point_bias, out_bias]
     Bv = B if any(t is not None and t.dim() == 2 for t in entries) else 1
     vec = torch.zeros(Bv, (len(entries) - 1) * H + g.out, dtype=torch.float32, device=device)
@@ -548,7 +553,8 @@ def kernel_forward(coords, fields, blocks, out_weight, out_bias, point_weight, p
 #     without the epilogue (HIDDEN=False);
 #   dW = dz^T x: one bmm per matrix with the mode's operands (fused_mlp's _weight_grad);
 #   df_k into the fields and coords: grid_lookup's backward kernel, once for all scales.
-# What remains is elementwise (relu masks, residual gains, noise sums) in PyTorch.
+# A styled block enters through one elementwise kernel (dr and dz_{L-1}); what remains is
+# elementwise (relu masks, sums of branches, noise sums) or tiny, in PyTorch.
 
 
 @dataclasses.dataclass
