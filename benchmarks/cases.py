@@ -421,35 +421,48 @@ def readout_flops(blocks, out: int, hidden: int, n: int) -> float:
     return 2.0 * n * (macs + hidden * out)
 
 
-def _build_ddmi_image_readout(device, quick):
-    """DDMI's image readout at generation: B fields 64^2 / 128^2 / 256^2 x 64 (their
-    decoder's output), every pixel centre of a 256^2 image, given per-layer noise."""
+# DDMI's image readout: (input width, hidden, layers, skip) per block
+IMAGE_READOUT_BLOCKS = [(66, 256, 3, True), (322, 256, 3, True), (322, 256, 3, True),
+                        (256, 256, 3, False)]
+
+
+def _ddmi_image_readout_inputs(device, B, side, train):
+    """An ImageReadout with its zero-initialised noise weights and biases made non-zero,
+    the pixel centres of a side^2 image for B samples, and ROTATIONS sets of (fields
+    64 x (side/4 * 2^k)^2, taking gradients when training; 12 per-layer noises)."""
     from nfd_fast.models.blocks import ROTATIONS as sets
     from nfd_fast.models.ddmi import ImageReadout, pixel_centers
 
     torch.manual_seed(0)
-    B, side = (2, 32) if quick else (16, 256)
-    readout = ImageReadout().to(device).eval()
-    with torch.no_grad():  # the zero-initialised noise weights and biases made non-zero
+    readout = ImageReadout().to(device).train(train)
+    with torch.no_grad():
         for name, p in readout.named_parameters():
             if "noise" in name or "bias" in name:
                 p.normal_(0.0, 0.1)
     g = torch.Generator(device).manual_seed(0)
     coords = pixel_centers(side, device=device).expand(B, -1, -1).contiguous()
-    inputs = [([torch.randn(B, 64, side // 4 * 2 ** k, side // 4 * 2 ** k, device=device,
-                            generator=g) for k in range(3)],
+    sides = [side // 4 * 2 ** k for k in range(3)]
+    inputs = [([torch.randn(B, 64, s, s, device=device, generator=g).requires_grad_(train)
+                for s in sides],
                [torch.randn(B, side * side, device=device, generator=g) for _ in range(12)])
               for _ in range(sets)]
+    return readout, coords, sides, inputs, g
+
+
+def _build_ddmi_image_readout(device, quick):
+    """DDMI's image readout at generation: B fields 64^2 / 128^2 / 256^2 x 64 (their
+    decoder's output), every pixel centre of a 256^2 image, given per-layer noise."""
+    B, side = (2, 32) if quick else (16, 256)
+    readout, coords, sides, inputs, _ = _ddmi_image_readout_inputs(device, B, side, False)
 
     def step(fields, noise):
         with torch.no_grad():
             return readout(fields, coords, 1.0, noise=noise)
 
     n = B * side * side
-    flops = readout_flops([(66, 256, 3, True), (322, 256, 3, True), (322, 256, 3, True),
-                           (256, 256, 3, False)], 3, 256, n)
+    flops = readout_flops(IMAGE_READOUT_BLOCKS, 3, 256, n)
     # fewest bytes: fields once, coordinates and noise read, colours written
-    nbytes = 4 * (B * 64 * sum((side // 4 * 2 ** k) ** 2 for k in range(3)) + n * (2 + 12 + 3))
+    nbytes = 4 * (B * 64 * sum(s * s for s in sides) + n * (2 + 12 + 3))
     impls = _readout_impls(step)
     return Work(flops, nbytes, n), {k: Rotating(f, inputs) for k, f in impls.items()}
 
@@ -458,24 +471,9 @@ def _build_ddmi_image_readout_train(device, quick):
     """DDMI's image readout in training (the D2C-VAE's reconstruction): B fields 64^2 /
     128^2 / 256^2 x 64 from the decoder, which take gradients too, every pixel centre of a
     256^2 image, given per-layer noise, MSE to target colours, forward and backward."""
-    from nfd_fast.models.blocks import ROTATIONS as sets
-    from nfd_fast.models.ddmi import ImageReadout, pixel_centers
-
-    torch.manual_seed(0)
     B, side = (2, 32) if quick else (8, 256)
-    readout = ImageReadout().to(device).train()
-    with torch.no_grad():  # the zero-initialised noise weights and biases made non-zero
-        for name, p in readout.named_parameters():
-            if "noise" in name or "bias" in name:
-                p.normal_(0.0, 0.1)
-    g = torch.Generator(device).manual_seed(0)
-    coords = pixel_centers(side, device=device).expand(B, -1, -1).contiguous()
+    readout, coords, sides, inputs, g = _ddmi_image_readout_inputs(device, B, side, True)
     target = torch.rand(B, side * side, 3, device=device, generator=g)
-    sides = [side // 4 * 2 ** k for k in range(3)]
-    inputs = [([torch.randn(B, 64, s, s, device=device, generator=g).requires_grad_()
-                for s in sides],
-               [torch.randn(B, side * side, device=device, generator=g) for _ in range(12)])
-              for _ in range(sets)]
 
     def step(fields, noise):
         loss = (readout(fields, coords, 1.0, noise=noise) - target).square().mean()
@@ -484,8 +482,7 @@ def _build_ddmi_image_readout_train(device, quick):
 
     n = B * side * side
     # forward + the two backward products per layer
-    flops = 3 * readout_flops([(66, 256, 3, True), (322, 256, 3, True), (322, 256, 3, True),
-                               (256, 256, 3, False)], 3, 256, n)
+    flops = 3 * readout_flops(IMAGE_READOUT_BLOCKS, 3, 256, n)
     # fewest bytes: fields read and their gradients written, coordinates, noise and
     # targets read
     nbytes = 4 * (2 * B * 64 * sum(s * s for s in sides) + n * (2 + 12 + 3))
