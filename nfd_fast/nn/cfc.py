@@ -25,7 +25,8 @@ op nfd_fast.ops.cfc_decode: each scale's features are looked up inside the MLP k
 never written to memory, the concatenations run as split weights (W_h h + W_f f_k), the
 constant channels e are folded into the biases (b + W_e e, once per sample), and the
 per-sample weights arrive formed once per sample (DDMI's modulated, demodulated weights,
-made by the readout). Its backward is the reference's VJP (see nfd_fast.ops.cfc). Backend
+made by the readout). Its backward runs on kernels from what the forward saved (second
+order through the reference's VJP; see nfd_fast.ops.cfc). Backend
 "torch" (and programs whose blocks differ in layer count): each scale's features by one
 grid_lookup, then per block one fused_mlp call when its widths fit fused_mlp and it
 draws no noise, else layer by layer as batched matmuls.

@@ -45,3 +45,13 @@ def zeros_where_absent(grads: Sequence[Optional[torch.Tensor]], like: torch.Tens
     """An op's list of gradient outputs: each gradient in its own layout (a channels-last
     field's gradient stays channels-last), or a placeholder."""
     return [g if g is not None else empty_f32(like) for g in grads]
+
+
+def regroup(flat: Sequence, sizes: Sequence[int]) -> list:
+    """[first, *groups flattened] -> [first, [group 0], [group 1], ...] (an op's saved
+    tensors or gradients travel as one flat list; sizes: each group's length)."""
+    out, i = [flat[0]], 1
+    for size in sizes:
+        out.append(list(flat[i:i + size]))
+        i += size
+    return out

@@ -64,7 +64,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import backend
-from ._autograd import empty_f32, reference_vjp, zeros_where_absent
+from ._autograd import empty_f32, reference_vjp, regroup, zeros_where_absent
 from ._device import constant_table, pad_pow2
 from .fused_mlp import default_precision
 from .grid_lookup import _validate as _validate_lookup
@@ -1062,22 +1062,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(z, f, coords, *fields, *points, *params, *noise)
 
 
-def _regroup(flat, sizes) -> list:
-    """[coords, fields..., points..., params..., noise...] -> [coords, [..], [..], [..], [..]]."""
-    out, i = [flat[0]], 1
-    for size in sizes:
-        out.append(list(flat[i:i + size]))
-        i += size
-    return out
-
-
 def _backward(ctx, grad_out, _grad_z, _grad_f):
     """The fused backward (nfd_fast::cfc_decode_backward) on the saved z and f; under
     create_graph the reference's VJP, differentiable again."""
     if grad_out is None:  # (grads are not materialised: y took no part in the loss)
         return (None,) * (_TENSOR_ARGS + len(ctx.options))
     z, f, *saved = ctx.saved_tensors
-    groups = _regroup(saved, ctx.sizes)
+    groups = regroup(saved, ctx.sizes)
     ng = ctx.needs_input_grad
     needs = [ng[0], *ng[1], *ng[2], *ng[3], *ng[4]]
     layout, *options = ctx.options[:9]
@@ -1087,7 +1078,7 @@ def _backward(ctx, grad_out, _grad_z, _grad_f):
         raw = torch.ops.nfd_fast.cfc_decode_backward(grad_out, z, f, *groups, layout, *options,
                                                      needs)
         grads = [g if need else None for g, need in zip(raw, needs)]
-    return tuple(_regroup(grads, ctx.sizes)) + (None,) * len(ctx.options)
+    return tuple(regroup(grads, ctx.sizes)) + (None,) * len(ctx.options)
 
 
 _cfc_decode_op.register_autograd(_backward, setup_context=_setup_context)

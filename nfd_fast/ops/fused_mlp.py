@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ._autograd import empty_f32, reference_vjp, zeros_where_absent
+from ._autograd import empty_f32, reference_vjp, regroup, zeros_where_absent
 from ._device import constant_table, pad_pow2
 
 ACTIVATIONS = ("identity", "sine", "relu", "leaky_relu", "gelu", "silu")
@@ -1175,15 +1175,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(z, zf, *tensors)
 
 
-def _regroup(flat, sizes) -> list:
-    """[x, w..., b..., s..., t..., m...] -> [x, [w...], [b...], [s...], [t...], [m...]]."""
-    out, i = [flat[0]], 1
-    for n in sizes:
-        out.append(list(flat[i:i + n]))
-        i += n
-    return out
-
-
 def _backward(ctx, grad_y, _grad_z, _grad_zf):
     if grad_y is None:  # (grads are not materialised: y took no part in the loss)
         return (None,) * (len(ctx.inputs_meta) + len(_TENSOR_ARGS))
@@ -1192,7 +1183,7 @@ def _backward(ctx, grad_y, _grad_z, _grad_zf):
      precision, fast_sine, recompute, _save, setting) = ctx.inputs_meta
     needs_tree = [ctx.needs_input_grad[i] for i in _TENSOR_ARGS]
     needs = [needs_tree[0]] + [n for group in needs_tree[1:] for n in group]
-    x, weights, biases, scale, shift, mult = _regroup(tensors, ctx.group_sizes)
+    x, weights, biases, scale, shift, mult = regroup(tensors, ctx.group_sizes)
     if torch.is_grad_enabled():  # create_graph: the differentiable reference VJP
         p = _op_inputs(x, weights, biases, bias_mask, scale, scale_mask, shift, shift_mask,
                        mult, mult_mask, activations, w0, leaky_slope, leaky_gain, precision,
@@ -1204,7 +1195,7 @@ def _backward(ctx, grad_y, _grad_z, _grad_zf):
             mult, mult_mask, activations, w0, leaky_slope, leaky_gain, precision, fast_sine,
             recompute, needs, setting)
         grads = [g if need else None for g, need in zip(raw, needs)]
-    gx, gw, gb, gs, gt, gm = _regroup(grads, ctx.group_sizes)
+    gx, gw, gb, gs, gt, gm = regroup(grads, ctx.group_sizes)
     return (gx, gw, gb, None, gs, None, gt, None, gm, None) + (None,) * 9
 
 
@@ -1284,7 +1275,7 @@ def _jacobian_backward(ctx, grad_y, grad_jacobian):
      precision, fast_sine, _setting) = ctx.inputs_meta
     needs_tree = [ctx.needs_input_grad[i] for i in _TENSOR_ARGS]
     needs = [needs_tree[0]] + [n for group in needs_tree[1:] for n in group]
-    x, weights, biases, scale, shift, mult = _regroup(tensors, ctx.group_sizes)
+    x, weights, biases, scale, shift, mult = regroup(tensors, ctx.group_sizes)
     grad_y = torch.zeros_like(x[..., :1].expand(*x.shape[:2], weights[-1].shape[-2])) \
         if grad_y is None else grad_y
     grad_jacobian = torch.zeros(*grad_y.shape, x.shape[-1], dtype=grad_y.dtype,
@@ -1297,7 +1288,7 @@ def _jacobian_backward(ctx, grad_y, grad_jacobian):
     else:
         raw = torch.ops.nfd_fast.fused_mlp_jacobian_backward(grad_y, grad_jacobian, *args, needs)
         grads = [g if need else None for g, need in zip(raw, needs)]
-    gx, gw, gb, gs, gt, gm = _regroup(grads, ctx.group_sizes)
+    gx, gw, gb, gs, gt, gm = regroup(grads, ctx.group_sizes)
     return (gx, gw, gb, None, gs, None, gt, None, gm, None) + (None,) * 7
 
 
